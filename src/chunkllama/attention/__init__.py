@@ -1,0 +1,105 @@
+"""The DCA attention op and its backend dispatch.
+
+``dca_attention`` is the single entry point: model code calls it and never knows which kernel
+runs. Backends: ``"reference"`` (PyTorch, any device) and ``"triton"`` (fused CUDA kernels,
+see :mod:`chunkllama.attention.triton_dispatch`); ``"auto"`` takes Triton where it supports the
+inputs and the reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DCAConfig
+from ..rope import RotaryParams
+from .reference import reference_dca_attention
+
+BACKENDS = ("auto", "reference", "triton")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"Unknown DCA backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+    return backend
+
+
+def _triton_unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these inputs (None when they can)."""
+    try:
+        from . import triton_dispatch
+    except ImportError as exc:  # triton not installed, or kernels not built for this platform
+        return f"the Triton kernels are unavailable ({exc})"
+    return triton_dispatch.unsupported_reason(query, key, value)
+
+
+def resolve_backend(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
+    """The backend that will actually run: "reference" or "triton"."""
+    check_backend(backend)
+    if backend == "reference":
+        return "reference"
+    reason = _triton_unsupported_reason(query, key, value)
+    if reason is None:
+        return "triton"
+    if backend == "triton":
+        raise ValueError(f"backend='triton' cannot run these inputs: {reason}. Use backend='auto' or 'reference'.")
+    return "reference"
+
+
+def dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    rope: RotaryParams,
+    config: DCAConfig,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dual Chunk Attention of ``query`` over ``key``/``value``.
+
+    Args:
+        query: ``(B, Hq, Tq, D)``, **not** rotated; it is rotated here three ways.
+        key: ``(B, Hk, Tk, D)``, already rotated at ``key_positions % config.chunk_len`` (as cached).
+            ``Hq`` must be a multiple of ``Hk`` (GQA: query head ``h`` reads key head ``h // (Hq/Hk)``).
+        value: ``(B, Hk, Tk, Dv)``.
+        query_positions: int64 ``(B, Tq)``: position ids of the queries; negative marks padding.
+        key_positions: int64 ``(B, Tk)``: position ids of the keys; negative marks padding.
+            A query sees the keys with ``0 <= key_position <= query_position`` (causal by
+            position, so a prompt fed in pieces against a cache works the same as in one go).
+        rope: the model's rotary frequencies and attention scaling.
+        config: chunk lengths.
+        scale: softmax scale; defaults to ``D ** -0.5``.
+        backend: "auto", "reference" or "triton".
+    Returns:
+        ``(B, Hq, Tq, Dv)`` in ``query.dtype``. Rows that see no key (padding) are 0.
+        Softmax statistics are kept in fp32 whatever the input dtype.
+    """
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(
+            "dca_attention expects (batch, heads, seq, head_dim) tensors; got shapes "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
+        )
+    batch, q_heads, q_len, head_dim = query.shape
+    if key.shape[0] != batch or value.shape[0] != batch or key.shape[-1] != head_dim:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree on batch or head_dim.")
+    if key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} disagree on batch, heads or length.")
+    if q_heads % key.shape[1]:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({key.shape[1]}).")
+    if tuple(query_positions.shape) != (batch, q_len) or tuple(key_positions.shape) != (batch, key.shape[2]):
+        raise ValueError(
+            f"positions must be (B, Tq)=({batch}, {q_len}) and (B, Tk)=({batch}, {key.shape[2]}); got "
+            f"{tuple(query_positions.shape)} and {tuple(key_positions.shape)}."
+        )
+    scale = head_dim**-0.5 if scale is None else scale
+    if resolve_backend(backend, query, key, value) == "triton":
+        from . import triton_dispatch
+
+        return triton_dispatch.triton_dca_attention(
+            query, key, value, query_positions, key_positions, rope, config, scale
+        )
+    return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
+
+
+__all__ = ["BACKENDS", "dca_attention", "reference_dca_attention", "resolve_backend"]

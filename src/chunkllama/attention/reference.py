@@ -1,0 +1,124 @@
+"""Readable PyTorch Dual Chunk Attention: blocked, exact, never a T×T matrix.
+
+Queries are taken ``block_q`` at a time and keys ``block_k`` at a time. For each block pair the
+score of every (query, key) pair uses the query rotation its chunk relation asks for
+(:mod:`chunkllama.positions`); each key block's partial softmax is merged into the running result
+through its log-sum-exp in fp32. Peak extra memory is
+``O(B · Hq · block_q · (block_k + D))``, independent of the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import DCAConfig
+from ..positions import INTER, INTRA, SUCCESSIVE, chunk_relation, query_rope_positions
+from ..rope import RotaryParams, apply_rope
+from .merge import merge_partials
+
+DEFAULT_BLOCK = 1024
+
+
+def _block_size(chunk_len: int, limit: int) -> int:
+    """Largest divisor of ``chunk_len`` not above ``limit`` (blocks then align with chunks), or ``limit``
+    when the best divisor would be tiny."""
+    if chunk_len <= limit:
+        return chunk_len
+    best = max(d for d in range(1, limit + 1) if chunk_len % d == 0)
+    return best if best >= limit // 4 else limit
+
+
+def _gaps_present(
+    q_chunk_range: tuple[int, int], k_chunk_range: tuple[int, int]
+) -> set[int]:
+    """Chunk relations that can occur between a query block and a key block (a superset)."""
+    lo = q_chunk_range[0] - k_chunk_range[1]
+    hi = q_chunk_range[1] - k_chunk_range[0]
+    found = set()
+    if lo <= 0 <= hi:
+        found.add(INTRA)
+    if lo <= 1 <= hi:
+        found.add(SUCCESSIVE)
+    if hi >= 2:
+        found.add(INTER)
+    return found
+
+
+def reference_dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    rope: RotaryParams,
+    config: DCAConfig,
+    scale: float,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dual Chunk Attention in plain PyTorch (CPU or CUDA; fp32, bf16, fp16).
+
+    See :func:`chunkllama.attention.dca_attention` for the argument contract. Arithmetic is fp32
+    throughout (blocks are upcast), the output is cast back to ``query.dtype``.
+    Returns ``out`` ``(B, Hq, Tq, Dv)``, and with ``return_lse`` also the fp32 log-sum-exp
+    ``(B, Hq, Tq)`` of the scaled scores (``-inf`` for rows that see no key).
+    """
+    batch, q_heads, q_len, _ = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    value_dim = value.shape[-1]
+    chunk_len, chunk_size = config.chunk_len, int(config.chunk_size)  # type: ignore[arg-type]
+    block_q = block_q or _block_size(chunk_len, DEFAULT_BLOCK)
+    block_k = block_k or _block_size(chunk_len, DEFAULT_BLOCK)
+
+    # Block-skipping decisions are made on the host once, so the loop never syncs with the device.
+    q_pos_host = query_positions.detach().to("cpu", torch.int64)
+    k_pos_host = key_positions.detach().to("cpu", torch.int64)
+
+    out = torch.empty(batch, q_heads, q_len, value_dim, dtype=query.dtype, device=query.device)
+    lse_out = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device) if return_lse else None
+
+    for q_start in range(0, q_len, block_q):
+        q_end = min(q_start + block_q, q_len)
+        rows = q_end - q_start
+        q_pos = query_positions[:, q_start:q_end]
+        q_host = q_pos_host[:, q_start:q_end]
+        q_valid = q_host[q_host >= 0]
+        acc = torch.zeros(batch, kv_heads, groups * rows, value_dim, dtype=torch.float32, device=query.device)
+        lse = torch.full((batch, kv_heads, groups * rows), float("-inf"), dtype=torch.float32, device=query.device)
+        if q_valid.numel():
+            q_block = query[:, :, q_start:q_end].to(torch.float32) * scale
+            rotated = {
+                kind: apply_rope(q_block, rope, pos.clamp(min=0)).reshape(batch, kv_heads, groups * rows, -1)
+                for kind, pos in zip((INTRA, SUCCESSIVE, INTER), query_rope_positions(q_pos, chunk_len, chunk_size))
+            }
+            q_max = int(q_valid.max())
+            q_chunks = (int(q_valid.min()) // chunk_len, q_max // chunk_len)
+            for k_start in range(0, kv_len, block_k):
+                k_end = min(k_start + block_k, kv_len)
+                k_host = k_pos_host[:, k_start:k_end]
+                k_valid = k_host[k_host >= 0]
+                if not k_valid.numel() or int(k_valid.min()) > q_max:
+                    continue
+                kinds = _gaps_present(q_chunks, (int(k_valid.min()) // chunk_len, int(k_valid.max()) // chunk_len))
+                relation = chunk_relation(q_pos[:, :, None], key_positions[:, None, k_start:k_end], chunk_len)
+                relation = relation.unsqueeze(1).unsqueeze(1)  # (B, 1, 1, rows, cols): shared by heads
+                k_block = key[:, :, k_start:k_end].to(torch.float32).transpose(-1, -2)
+                scores = torch.full(
+                    (batch, kv_heads, groups, rows, k_end - k_start), float("-inf"),
+                    dtype=torch.float32, device=query.device,
+                )
+                for kind in kinds:
+                    part = torch.matmul(rotated[kind], k_block).view_as(scores)
+                    scores = torch.where(relation == kind, part, scores)
+                scores = scores.view(batch, kv_heads, groups * rows, -1)
+                block_lse = torch.logsumexp(scores, dim=-1)
+                safe = torch.where(torch.isfinite(block_lse), block_lse, torch.zeros_like(block_lse))
+                probs = torch.exp(scores - safe.unsqueeze(-1))
+                block_out = torch.matmul(probs, value[:, :, k_start:k_end].to(torch.float32))
+                acc, lse = merge_partials(acc, lse, block_out, block_lse)
+        out[:, :, q_start:q_end] = acc.view(batch, q_heads, rows, value_dim).to(query.dtype)
+        if lse_out is not None:
+            lse_out[:, :, q_start:q_end] = lse.view(batch, q_heads, rows)
+    return (out, lse_out) if return_lse else out
