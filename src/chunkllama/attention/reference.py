@@ -1,6 +1,10 @@
-"""Readable PyTorch Dual Chunk Attention: blocked, exact, never a T×T matrix.
+"""Readable PyTorch Dual Chunk Attention: exact, never a T×T matrix.
 
-Queries are taken ``block_q`` at a time and keys ``block_k`` at a time. For each block pair the
+:func:`reference_dca_attention` takes the chunked path (:mod:`.chunked`: a few fused attention
+calls per chunk) when each row's positions are contiguous — always the case inside a patched
+model — and the generic blocked path below otherwise.
+
+Blocked path: queries are taken ``block_q`` at a time and keys ``block_k`` at a time. For each block pair the
 score of every (query, key) pair uses the query rotation its chunk relation asks for
 (:mod:`chunkllama.positions`); each key block's partial softmax is merged into the running result
 through its log-sum-exp in fp32. Peak extra memory is
@@ -14,6 +18,7 @@ import torch
 from ..config import DCAConfig
 from ..positions import INTER, INTRA, SUCCESSIVE, chunk_relation, query_rope_positions
 from ..rope import RotaryParams, apply_rope
+from .chunked import chunked_dca_attention, contiguous_offsets
 from .merge import merge_partials
 
 DEFAULT_BLOCK = 1024
@@ -44,7 +49,7 @@ def _gaps_present(
     return found
 
 
-def reference_dca_attention(
+def blocked_dca_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -57,7 +62,7 @@ def reference_dca_attention(
     block_k: int | None = None,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Dual Chunk Attention in plain PyTorch (CPU or CUDA; fp32, bf16, fp16).
+    """Dual Chunk Attention for arbitrary per-pair positions, block by block (CPU or CUDA; fp32, bf16, fp16).
 
     See :func:`chunkllama.attention.dca_attention` for the argument contract. Arithmetic is fp32
     throughout (blocks are upcast), the output is cast back to ``query.dtype``.
@@ -122,3 +127,31 @@ def reference_dca_attention(
         if lse_out is not None:
             lse_out[:, :, q_start:q_end] = lse.view(batch, q_heads, rows)
     return (out, lse_out) if return_lse else out
+
+
+def reference_dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    rope: RotaryParams,
+    config: DCAConfig,
+    scale: float,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dual Chunk Attention in plain PyTorch (CPU or CUDA; fp32, bf16, fp16).
+
+    Same contract as :func:`blocked_dca_attention`; takes the chunked fused path when positions are
+    contiguous per row and no block size is forced, the blocked path otherwise.
+    """
+    if block_q is None and block_k is None:
+        offsets = contiguous_offsets(query_positions.detach().cpu(), key_positions.detach().cpu())
+        if offsets is not None:
+            out, lse = chunked_dca_attention(query, key, value, offsets, rope, config, scale)
+            return (out, lse) if return_lse else out
+    return blocked_dca_attention(
+        query, key, value, query_positions, key_positions, rope, config, scale, block_q, block_k, return_lse
+    )

