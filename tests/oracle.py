@@ -116,7 +116,8 @@ def oracle_attention(
     attention_scaling: float = 1.0,
     upcast: bool = True,
     angle_dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dense DCA attention.
 
     Args:
@@ -130,6 +131,8 @@ def oracle_attention(
             flash-attention test rule).
         angle_dtype: dtype of the rotary angles; fp32 like HF, float64 to compare with
             :func:`brute_force_attention_row`.
+        return_lse: also return the log-sum-exp of the scaled scores, ``(B, Hq, Tq)`` float64
+            (``-inf`` for rows that see no key).
     Returns:
         ``(B, Hq, Tq, Dv)`` in ``query.dtype``; rows that see no key are 0.
     """
@@ -155,8 +158,10 @@ def oracle_attention(
     scores = scores.to(torch.float64 if upcast else torch.float32).masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
-    out = torch.matmul(probs.to(work), value.to(work))
-    return out.to(query.dtype)
+    out = torch.matmul(probs.to(work), value.to(work)).to(query.dtype)
+    if return_lse:
+        return out, torch.logsumexp(scores.to(torch.float64), dim=-1)
+    return out
 
 
 def plain_causal_attention(

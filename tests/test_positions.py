@@ -1,0 +1,84 @@
+"""chunkllama.positions against the oracle's pure-Python rules (tests/oracle.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from chunkllama import positions as P
+from oracle import CODES, pair_query_position, pair_relation
+
+GEOMETRIES = [(20, 24), (4, 6), (5, 5), (3, 7), (1, 2)]  # (chunk_len, chunk_size)
+CODE_OF = {P.MASKED: CODES["masked"], P.INTRA: CODES["intra"], P.SUCCESSIVE: CODES["successive"], P.INTER: CODES["inter"]}
+
+
+@pytest.mark.parametrize("chunk_len,chunk_size", GEOMETRIES)
+def test_key_positions(chunk_len, chunk_size):
+    pos = torch.arange(0, 5 * chunk_len + 3)
+    got = P.key_rope_positions(pos, chunk_len)
+    assert got.tolist() == [p % chunk_len for p in pos.tolist()]
+    assert got.dtype == torch.int64
+
+
+@pytest.mark.parametrize("chunk_len,chunk_size", GEOMETRIES)
+def test_query_positions_are_the_three_rotations(chunk_len, chunk_size):
+    pos = torch.arange(0, 5 * chunk_len + 3)[None]
+    intra, successive, inter = P.query_rope_positions(pos, chunk_len, chunk_size)
+    for i, p in enumerate(pos[0].tolist()):
+        assert int(intra[0, i]) == pair_query_position(p, p, chunk_len, chunk_size)  # same chunk
+        if p >= chunk_len:  # a key in the previous chunk
+            prev = (p // chunk_len - 1) * chunk_len
+            assert int(successive[0, i]) == pair_query_position(p, prev, chunk_len, chunk_size)
+        else:
+            assert int(successive[0, i]) == min(p % chunk_len + chunk_len, chunk_size)
+        if p >= 2 * chunk_len:
+            assert int(inter[0, i]) == pair_query_position(p, 0, chunk_len, chunk_size)
+        assert int(inter[0, i]) == chunk_size
+    assert intra.shape == successive.shape == inter.shape == pos.shape
+
+
+@pytest.mark.parametrize("chunk_len,chunk_size", GEOMETRIES)
+def test_chunk_relation_every_pair(chunk_len, chunk_size):
+    span = list(range(-3, 4 * chunk_len + 2))
+    q = torch.tensor(span)[:, None]
+    k = torch.tensor(span)[None, :]
+    rel = P.chunk_relation(q, k, chunk_len)
+    assert rel.dtype == torch.int8 and rel.shape == (len(span), len(span))
+    for (i, pq), (j, pk) in itertools.product(enumerate(span), repeat=2):
+        assert CODE_OF[int(rel[i, j])] == CODES[pair_relation(pq, pk, chunk_len)], (pq, pk)
+
+
+def test_chunk_relation_broadcasts_over_batch():
+    q = torch.tensor([[5, 6, 25], [-1, 0, 21]])[:, :, None]
+    k = torch.tensor([[0, 4, 25], [-1, 0, 1]])[:, None, :]
+    rel = P.chunk_relation(q, k, 20)
+    assert rel.shape == (2, 3, 3)
+    for b, i, j in itertools.product(range(2), range(3), range(3)):
+        assert CODE_OF[int(rel[b, i, j])] == CODES[pair_relation(int(q[b, i, 0]), int(k[b, 0, j]), 20)]
+
+
+def test_row_offsets_and_positions_left_padding():
+    # row 0: no padding; row 1: 3 left pads with HF's generate convention (pads get position 1)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [1, 1, 1, 0, 1, 2, 3]])
+    offsets = P.row_offsets(pos, batch_size=2, q_len=7, kv_len=7)
+    assert offsets.tolist() == [0, 3]
+    got = P.positions_from_offsets(offsets, 0, 7)
+    assert got.tolist() == [[0, 1, 2, 3, 4, 5, 6], [-3, -2, -1, 0, 1, 2, 3]]
+
+
+def test_row_offsets_decode_step():
+    # one new token per row after 7 cached ones; row 1 has 3 pads in front
+    pos = torch.tensor([[7], [4]])
+    offsets = P.row_offsets(pos, batch_size=2, q_len=1, kv_len=8)
+    assert offsets.tolist() == [0, 3]
+    assert P.positions_from_offsets(offsets, 7, 1).tolist() == [[7], [4]]
+    assert P.positions_from_offsets(offsets, 0, 8)[1].tolist() == [-3, -2, -1, 0, 1, 2, 3, 4]
+
+
+def test_row_offsets_broadcast_row_and_bad_length():
+    pos = torch.arange(5, 9)[None]  # (1, Tq) shared by the batch, after 5 cached tokens
+    assert P.row_offsets(pos, batch_size=3, q_len=4, kv_len=9).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError):
+        P.row_offsets(pos, batch_size=1, q_len=3, kv_len=9)
