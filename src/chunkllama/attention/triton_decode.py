@@ -1,0 +1,205 @@
+"""Dual Chunk Attention for a few query tokens against a long cache (Triton, split-K / flash-decoding).
+
+Shapes follow HF: ``query (B, Hq, Tq, D)`` (unrotated, ``Tq`` small), ``key``/``value`` ``(B, Hk, Tk, D)``
+with keys rotated at ``p % chunk_len``.
+
+Pass 1 (``_dca_decode_split_kernel``), grid ``(B * Hk, splits)``: one program packs the ``groups * Tq``
+query rows that share one KV head (GQA: K/V are read once per KV head, never repeated), keeps the
+three rotations of those rows in registers and walks its share of the visible key tiles. Tiles
+wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
+per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
+Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk,)``: merges the splits by log-sum-exp in fp32
+and writes ``out`` in the input dtype.
+
+Same position assumption as :mod:`.triton_prefill` (keys ``index - offset`` per row).
+Extra memory: ``B * Hk * splits * rows * (D + 1)`` fp32 (rows = ``groups * Tq`` padded to >= 16).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_prefill import LOG2E, _rotated_query
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _dca_decode_split_kernel(
+    Q, K, V, OPart, LPart, QPos, KPos, InvFreq,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_qpb, stride_kpb,
+    Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    DTYPE = Q.dtype.element_ty
+    HALF: tl.constexpr = HEAD_DIM // 2
+
+    rows = tl.arange(0, BLOCK_M)
+    g = rows // Tq
+    tok = rows % Tq
+    row_in = rows < groups * Tq
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    qpos = tl.load(QPos + b * stride_qpb + tok, mask=row_in, other=-1)
+    q_hi = tl.max(qpos, 0)
+    q_lo = tl.min(tl.where(qpos >= 0, qpos, q_hi), 0)
+    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1)
+
+    sw_d = (offs_d + HALF) % HEAD_DIM
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    inv_freq = tl.load(InvFreq + offs_d % HALF)
+    q_base = Q + b * stride_qb + (hk * groups + g)[:, None] * stride_qh + tok[:, None] * stride_qm
+    q_ptrs = q_base + offs_d[None, :]
+    q_sw_ptrs = q_base + sw_d[None, :]
+    qpos_c = tl.maximum(qpos, 0)
+    in_chunk = qpos_c % chunk_len
+    q_intra = _rotated_query(q_ptrs, q_sw_ptrs, row_in, in_chunk, inv_freq, sign, attn_scaling, qk_scale, DTYPE)
+    q_succ = _rotated_query(q_ptrs, q_sw_ptrs, row_in, tl.minimum(in_chunk + chunk_len, chunk_size), inv_freq,
+                            sign, attn_scaling, qk_scale, DTYPE)
+    q_inter = _rotated_query(q_ptrs, q_sw_ptrs, row_in, tl.zeros_like(in_chunk) + chunk_size, inv_freq, sign,
+                             attn_scaling, qk_scale, DTYPE)
+    qc = qpos_c // chunk_len
+    c_lo = tl.maximum(q_lo, 0) // chunk_len
+
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    n_tiles = tl.where(q_hi >= 0, q_hi // BLOCK_N + 1, 0)
+    per_split = tl.cdiv(n_tiles, SPLITS)
+    t_lo = split * per_split
+    t_hi = tl.minimum(t_lo + per_split, n_tiles)
+    inter_pos_end = (c_lo - 1) * chunk_len  # keys below this position are inter for every row
+    for t in range(t_lo, t_hi):
+        kpos = t * BLOCK_N + offs_n
+        kidx = koff + kpos
+        kmask = kidx < Tk
+        k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        if (t + 1) * BLOCK_N <= inter_pos_end:
+            qk = tl.dot(q_inter, k)
+        else:
+            gap = qc[:, None] - (kpos // chunk_len)[None, :]
+            qk = tl.dot(q_intra, k)
+            qk = tl.where(gap == 1, tl.dot(q_succ, k), qk)
+            qk = tl.where(gap >= 2, tl.dot(q_inter, k), qk)
+        visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+    part = (pid_bh * SPLITS + split) * BLOCK_M + rows
+    tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], out)
+    tl.store(LPart + part, lse)
+
+
+@triton.jit
+def _dca_decode_merge_kernel(
+    OPart, LPart, Out, QPos,
+    stride_ob, stride_oh, stride_om, stride_qpb,
+    Tq, num_kv_heads, groups,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = pid_bh // num_kv_heads
+    hk = pid_bh % num_kv_heads
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g = rows // Tq
+    tok = rows % Tq
+    row_in = rows < groups * Tq
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for s in range(SPLITS):
+        part = (pid_bh * SPLITS + s) * BLOCK_M + rows
+        lse = tl.load(LPart + part)
+        o = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :])
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        w = tl.math.exp2(lse - m_safe)
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o
+        m_i = m_new
+    qpos = tl.load(QPos + b * stride_qpb + tok, mask=row_in, other=-1)
+    keep = (l_i > 0) & (qpos >= 0)
+    out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
+    o_ptrs = Out + b * stride_ob + (hk * groups + g)[:, None] * stride_oh + tok[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None])
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
+    """Packed query rows per KV head (``groups * Tq``) rounded up to a power of two, at least 16."""
+    return max(16, triton.next_power_of_2((q_heads // kv_heads) * q_len))
+
+
+def dca_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_positions: torch.Tensor, key_positions: torch.Tensor,
+    inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Launch split-K decode + merge. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``."""
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    assert head_dim in (64, 128) and value.shape[-1] == head_dim, "head_dim must be 64 or 128"
+    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+    block_m = decode_rows(q_heads, kv_heads, q_len)
+    block_n = 16 if _INTERPRET else 64
+    n_tiles = triton.cdiv(kv_len, block_n)
+    if splits is None:
+        want = triton.cdiv(2 * _num_sms(query.device), batch * kv_heads)
+        splits = max(1, min(want, triton.cdiv(n_tiles, 4), 128))
+    qpos = query_positions.to(torch.int64).contiguous()
+    kpos = key_positions.to(torch.int64).contiguous()
+    inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    o_part = torch.empty(batch * kv_heads * splits * block_m, head_dim, dtype=torch.float32, device=query.device)
+    l_part = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
+    out = torch.empty(batch, q_heads, q_len, head_dim, dtype=query.dtype, device=query.device)
+    warps = 1 if _INTERPRET else 4
+    _dca_decode_split_kernel[(batch * kv_heads, splits)](
+        query, key, value, o_part, l_part, qpos, kpos, inv_freq,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        qpos.stride(0), kpos.stride(0),
+        q_len, kv_len, kv_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=1 if _INTERPRET else 3,
+    )
+    _dca_decode_merge_kernel[(batch * kv_heads,)](
+        o_part, l_part, out, qpos,
+        out.stride(0), out.stride(1), out.stride(2), qpos.stride(0),
+        q_len, kv_heads, q_heads // kv_heads,
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, num_warps=warps,
+    )
+    return out

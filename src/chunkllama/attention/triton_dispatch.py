@@ -1,0 +1,90 @@
+"""Which Triton kernel runs DCA, and whether one can.
+
+:func:`unsupported_reason` is asked by :func:`chunkllama.attention.resolve_backend`;
+:func:`triton_dca_attention` launches :mod:`.triton_decode` for a few query rows per KV head
+(``groups * Tq <= 64``: decode, speculative steps) and :mod:`.triton_prefill` otherwise.
+
+Both kernels assume what :mod:`chunkllama.patching` produces: within a batch row, key positions are
+``index - offset`` (left padding negative). Set ``CHUNKLLAMA_CHECK_POSITIONS=1`` to verify that on
+every call (one device sync per call).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton  # noqa: F401  (ImportError here means "unavailable": see resolve_backend)
+
+from ..config import DCAConfig
+from ..rope import RotaryParams
+from .triton_decode import dca_decode, decode_rows
+from .triton_prefill import dca_prefill
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+SUPPORTED_HEAD_DIMS = (64, 128)
+DECODE_MAX_ROWS = 64
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these ``(B, H, T, D)`` tensors; None when they can."""
+    device = query.device
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        return f"tensors are on {device.type} (the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU)"
+    if key.device != device or value.device != device:
+        return "query, key and value are on different devices"
+    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
+        return f"dtype {query.dtype}/{key.dtype}/{value.dtype} (supported: float16 or bfloat16, all the same)"
+    head_dim = query.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS or value.shape[-1] != head_dim:
+        return f"head_dim {head_dim} / value dim {value.shape[-1]} (supported: 64 or 128, equal)"
+    if query.shape[2] > key.shape[2]:
+        return f"more queries ({query.shape[2]}) than keys ({key.shape[2]})"
+    if key.shape[2] == 0:
+        return "no keys"
+    return None
+
+
+def _check_positions(query_positions: torch.Tensor, key_positions: torch.Tensor) -> None:
+    index = torch.arange(key_positions.shape[1], device=key_positions.device)
+    offsets = index - key_positions
+    if not bool((offsets == offsets[:, -1:]).logical_or(key_positions < 0).all()):
+        raise ValueError("Triton DCA kernels need key positions index - offset per row (contiguous).")
+
+
+def triton_dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    rope: RotaryParams,
+    config: DCAConfig,
+    scale: float,
+) -> torch.Tensor:
+    """DCA through the fused kernels; contract of :func:`chunkllama.attention.dca_attention`."""
+    reason = unsupported_reason(query, key, value)
+    if reason is not None:
+        raise ValueError(f"Triton DCA cannot run these inputs: {reason}")
+    if os.environ.get("CHUNKLLAMA_CHECK_POSITIONS", "0") == "1":
+        _check_positions(query_positions, key_positions)
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    args = (
+        query, key, value, query_positions.to(query.device), key_positions.to(query.device),
+        rope.inv_freq, float(rope.attention_scaling), config.chunk_len, int(config.chunk_size), scale,
+    )
+    if decode_rows(query.shape[1], key.shape[1], query.shape[2]) <= DECODE_MAX_ROWS:
+        return dca_decode(*args)
+    return dca_prefill(*args)
+
+
+__all__ = ["unsupported_reason", "triton_dca_attention", "dca_prefill", "dca_decode"]

@@ -1,0 +1,253 @@
+"""Fused Dual Chunk Attention for prefill and chunked prefill (Triton, one pass, online softmax).
+
+Shapes follow HF: ``query (B, Hq, Tq, D)`` (unrotated), ``key``/``value`` ``(B, Hk, Tk, D)`` with keys
+already rotated at ``p % chunk_len``; ``Tq <= Tk``, queries may be a suffix of the keys (chunked
+prefill against a cache) and rows may be left-padded (negative positions).
+
+One program takes ``BLOCK_M`` consecutive query rows of one query head and walks the keys it can see
+in tiles of ``BLOCK_N``. Key tiles are aligned to key *positions* (tile ``t`` holds positions
+``t*BLOCK_N .. t*BLOCK_N+BLOCK_N-1``), so when ``chunk_len % BLOCK_N == 0`` chunk boundaries fall on
+tile boundaries and the walk splits into pure phases, each with one query rotation computed once
+in registers (fp32 angles ``position * inv_freq``, as :mod:`chunkllama.rope`):
+
+1. **inter**: tiles of chunks ``<= c-2``: query rotated at ``chunk_size``, no mask;
+2. **successive**: tiles of chunk ``c-1``: query rotated at ``min(p % chunk_len + chunk_len, chunk_size)``, no mask;
+3. **intra**: tiles of chunk ``c`` wholly before the block's first query: rotated at ``p % chunk_len``, no mask;
+4. **diagonal**: the remaining intra tiles, causal mask by position.
+
+A query block that straddles a chunk boundary (or a ``chunk_len`` that tiles do not divide) takes
+the **general** path for the tiles near it: per-element relation, up to three dots, ``where``.
+The multiply-adds are those of causal attention except in general tiles.
+
+Assumption (what :mod:`chunkllama.patching` produces): within a row, key positions are
+``index - offset`` (contiguous; padding negative, on the left). Query positions are read per row.
+Extra memory: none beyond ``out``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _rotated_query(q_ptrs, q_sw_ptrs, row_mask, rot_pos, inv_freq, sign, attn_scaling, qk_scale, DTYPE: tl.constexpr):
+    """Load the query tile and rotate it at per-row positions ``rot_pos``; pre-scaled by ``qk_scale``."""
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q_sw = tl.load(q_sw_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    angle = rot_pos.to(tl.float32)[:, None] * inv_freq[None, :]
+    cos = tl.cos(angle) * attn_scaling
+    sin = tl.sin(angle) * attn_scaling
+    return ((q * cos + sign[None, :] * q_sw * sin) * qk_scale).to(DTYPE)
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, qk, v):
+    """Online-softmax update with scores ``qk`` (log2 domain, no ``-inf``)."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _softmax_step_masked(acc, l_i, m_i, qk, v):
+    """Online-softmax update where ``qk`` may hold ``-inf`` (masked) entries, whole rows included."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(qk - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, l_i, m_new
+
+
+@triton.jit
+def _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi,
+                offs_n, offs_d, BLOCK_N: tl.constexpr):
+    """Key tiles ``[t_lo, t_hi)`` (in position units of BLOCK_N), all visible to every row, one rotation."""
+    for t in range(t_lo, t_hi):
+        kidx = koff + t * BLOCK_N + offs_n
+        k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None])
+        qk = tl.dot(q, k)
+        v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :])
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi, Tk, qpos,
+                    offs_n, offs_d, BLOCK_N: tl.constexpr):
+    """Intra-chunk key tiles ``[t_lo, t_hi)`` with the causal mask by position."""
+    for t in range(t_lo, t_hi):
+        kpos = t * BLOCK_N + offs_n
+        kidx = koff + kpos
+        kmask = kidx < Tk
+        k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
+        qk = tl.dot(q, k)
+        visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+        v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        acc, l_i, m_i = _softmax_step_masked(acc, l_i, m_i, qk, v)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _dca_prefill_kernel(
+    Q, K, V, Out, QPos, KPos, InvFreq,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_om,
+    stride_qpb, stride_kpb,
+    Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_m = tl.cdiv(Tq, BLOCK_M)
+    start_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_q_heads
+    h = pid_bh % num_q_heads
+    hk = h // groups
+    DTYPE = Q.dtype.element_ty
+    HALF: tl.constexpr = HEAD_DIM // 2
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = offs_m < Tq
+    qpos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_in, other=-1)
+    row_valid = qpos >= 0
+    q_hi = tl.max(qpos, 0)
+    q_lo = tl.min(tl.where(row_valid, qpos, q_hi), 0)
+    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1)  # key index of position 0
+
+    # Rotation helpers: rotate_half partner column and its sign; frequencies cat(f, f).
+    sw_d = (offs_d + HALF) % HEAD_DIM
+    sign = tl.where(offs_d < HALF, -1.0, 1.0)
+    inv_freq = tl.load(InvFreq + offs_d % HALF)
+    q_base = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm
+    q_ptrs = q_base + offs_d[None, :]
+    q_sw_ptrs = q_base + sw_d[None, :]
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    qpos_c = tl.maximum(qpos, 0)
+    in_chunk = qpos_c % chunk_len
+    pos_intra = in_chunk
+    pos_succ = tl.minimum(in_chunk + chunk_len, chunk_size)
+    pos_inter = tl.zeros_like(in_chunk) + chunk_size
+
+    has_rows = q_hi >= 0
+    if has_rows:
+        c_lo = q_lo // chunk_len
+        c_hi = q_hi // chunk_len
+        # Phase 1: tiles wholly inside chunks <= c_lo - 2 (inter for every row of the block).
+        inter_end = tl.where(c_lo >= 1, ((c_lo - 1) * chunk_len) // BLOCK_N, 0)
+        if inter_end > 0:
+            q = _rotated_query(q_ptrs, q_sw_ptrs, row_in, pos_inter, inv_freq, sign, attn_scaling, qk_scale, DTYPE)
+            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, 0, inter_end,
+                                        offs_n, offs_d, BLOCK_N)
+        last_tile = q_hi // BLOCK_N + 1
+        if (c_lo == c_hi) & (chunk_len % BLOCK_N == 0):
+            tiles_per_chunk = chunk_len // BLOCK_N
+            succ_lo = tl.maximum(c_lo - 1, 0) * tiles_per_chunk
+            intra_lo = c_lo * tiles_per_chunk
+            diag_lo = (q_lo + 1) // BLOCK_N
+            if intra_lo > succ_lo:  # Phase 2: the previous chunk
+                q = _rotated_query(q_ptrs, q_sw_ptrs, row_in, pos_succ, inv_freq, sign, attn_scaling, qk_scale, DTYPE)
+                acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
+                                            succ_lo, intra_lo, offs_n, offs_d, BLOCK_N)
+            q = _rotated_query(q_ptrs, q_sw_ptrs, row_in, pos_intra, inv_freq, sign, attn_scaling, qk_scale, DTYPE)
+            # Phase 3: own chunk, before the block's first query.  Phase 4: the diagonal, masked.
+            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
+                                        intra_lo, diag_lo, offs_n, offs_d, BLOCK_N)
+            acc, l_i, m_i = _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
+                                            diag_lo, last_tile, Tk, qpos, offs_n, offs_d, BLOCK_N)
+        else:
+            # General tiles: per-element relation, one dot per rotation.
+            qc = qpos_c // chunk_len
+            for t in range(inter_end, last_tile):
+                kpos = t * BLOCK_N + offs_n
+                kidx = koff + kpos
+                kmask = kidx < Tk
+                k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
+                gap = qc[:, None] - (kpos // chunk_len)[None, :]
+                qa = _rotated_query(q_ptrs, q_sw_ptrs, row_in, pos_intra, inv_freq, sign, attn_scaling, qk_scale,
+                                    DTYPE)
+                qk = tl.dot(qa, k)
+                qb = _rotated_query(q_ptrs, q_sw_ptrs, row_in, pos_succ, inv_freq, sign, attn_scaling, qk_scale,
+                                    DTYPE)
+                qk = tl.where(gap == 1, tl.dot(qb, k), qk)
+                qi = _rotated_query(q_ptrs, q_sw_ptrs, row_in, pos_inter, inv_freq, sign, attn_scaling, qk_scale,
+                                    DTYPE)
+                qk = tl.where(gap >= 2, tl.dot(qi, k), qk)
+                visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
+                qk = tl.where(visible, qk, float("-inf"))
+                v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+                acc, l_i, m_i = _softmax_step_masked(acc, l_i, m_i, qk, v)
+
+    keep = row_valid & (l_i > 0)
+    out = acc / tl.where(keep, l_i, 1.0)[:, None]
+    out = tl.where(keep[:, None], out, 0.0)
+    o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None])
+
+
+def _config(head_dim: int, chunk_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim; BLOCK_N divides chunk_len when it can."""
+    if _INTERPRET:
+        return 16, 16, 1, 1
+    env = os.environ.get("CHUNKLLAMA_PREFILL_CONFIG")  # "BM,BN,warps,stages" for tuning runs
+    if env:
+        bm, bn, w, s = (int(x) for x in env.split(","))
+        return bm, bn, w, s
+    if head_dim <= 64:
+        return 128, 64, 4, 3
+    return 128, 64, 8, 3
+
+
+def dca_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_positions: torch.Tensor, key_positions: torch.Tensor,
+    inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
+) -> torch.Tensor:
+    """Launch the fused prefill kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``."""
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    assert head_dim in (64, 128) and value.shape[-1] == head_dim, "head_dim must be 64 or 128"
+    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
+    assert q_heads % kv_heads == 0
+    out = torch.empty(batch, q_heads, q_len, head_dim, dtype=query.dtype, device=query.device)
+    qpos = query_positions.to(torch.int64)
+    kpos = key_positions.to(torch.int64)
+    if qpos.stride(-1) != 1:
+        qpos = qpos.contiguous()
+    if kpos.stride(-1) != 1:
+        kpos = kpos.contiguous()
+    inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
+    block_m, block_n, warps, stages = _config(head_dim, chunk_len)
+    grid = (triton.cdiv(q_len, block_m), batch * q_heads)
+    _dca_prefill_kernel[grid](
+        query, key, value, out, qpos, kpos, inv_freq,
+        query.stride(0), query.stride(1), query.stride(2),
+        key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        qpos.stride(0), kpos.stride(0),
+        q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+    )
+    return out

@@ -1,0 +1,192 @@
+"""Fused Triton DCA kernels against the fp32 reference (flash-attention's rule).
+
+A kernel passes when ``max|out - oracle| <= 2 * max|ref_lowp - oracle| + atol``: ``oracle`` is
+:func:`reference_dca_attention` on the same (low-precision) inputs upcast to fp32, ``ref_lowp`` the
+reference path run in the kernel's dtype.
+
+On the CPU the kernels run under ``TRITON_INTERPRET=1``. Triton reads that variable when the kernels
+are decorated, so the cases run in one subprocess (this file with ``--worker``) that sets it before
+anything imports triton; the tests then check its results case by case. The interpreter's bf16
+``tl.dot`` is wrong on CPU (triton 3.9), so the CPU cases use fp16; bf16 runs in the GPU tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ATOL = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
+
+# (name, kernel, B, Hq, Hk, Tq, Tk, D, pretraining_length, left-pad offsets per row)
+# pretraining 32 -> chunk_size 24, chunk_len 20 (tiles of 16 do not divide it: general path);
+# pretraining 128 -> chunk_size 96, chunk_len 80 (tiles divide it: the phased fast path).
+CPU_CASES = [
+    ("gqa1_odd37", "prefill", 1, 2, 2, 37, 37, 64, 32, (0,)),
+    ("gqa4_odd97", "prefill", 1, 4, 1, 97, 97, 64, 32, (0,)),
+    ("gqa8_len41", "prefill", 1, 8, 1, 41, 41, 64, 32, (0,)),
+    ("len19", "prefill", 1, 2, 1, 19, 19, 64, 32, (0,)),
+    ("len20", "prefill", 1, 2, 1, 20, 20, 64, 32, (0,)),
+    ("len21", "prefill", 1, 2, 1, 21, 21, 64, 32, (0,)),
+    ("len40", "prefill", 1, 2, 1, 40, 40, 64, 32, (0,)),
+    ("aligned_200", "prefill", 1, 2, 2, 200, 200, 64, 128, (0,)),
+    ("aligned_gqa4_161", "prefill", 1, 4, 1, 161, 161, 64, 128, (0,)),
+    ("chunked_pad", "prefill", 2, 4, 1, 45, 70, 64, 32, (0, 5)),
+    ("aligned_chunked_pad", "prefill", 2, 2, 1, 100, 181, 64, 128, (3, 40)),
+    ("all_padding_row", "prefill", 2, 2, 1, 8, 40, 64, 32, (0, 45)),
+    ("d128", "prefill", 1, 2, 1, 60, 60, 128, 32, (0,)),
+    ("d128_aligned", "prefill", 1, 2, 2, 170, 170, 128, 128, (0,)),
+    ("decode_pad", "decode", 2, 4, 1, 1, 70, 64, 32, (0, 5)),
+    ("decode_gqa8_aligned", "decode", 1, 8, 1, 1, 161, 64, 128, (0,)),
+    ("decode_gqa1_d128", "decode", 2, 2, 2, 1, 100, 128, 32, (0, 3)),
+    ("decode_3tokens", "decode", 1, 4, 1, 3, 100, 64, 32, (0,)),
+    ("decode_boundary", "decode", 1, 4, 1, 1, 81, 64, 128, (0,)),
+    ("dispatch_auto", "auto", 2, 4, 2, 33, 64, 64, 32, (0, 7)),
+    ("dispatch_auto_decode", "auto", 2, 4, 2, 1, 64, 64, 32, (0, 7)),
+]
+
+
+def make_inputs(case, dtype, device, seed=0):
+    """Random unrotated queries, keys rotated at ``p % chunk_len`` (as cached), contiguous positions."""
+    from chunkllama.config import DCAConfig
+    from chunkllama.positions import key_rope_positions
+    from chunkllama.rope import RotaryParams, apply_rope
+
+    _, _, batch, q_heads, kv_heads, q_len, kv_len, head_dim, length, pads = case
+    config = DCAConfig(length)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    rope = RotaryParams(inv_freq.to(device), 1.0)
+    q = torch.randn(batch, q_heads, q_len, head_dim, generator=gen)
+    k = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen)
+    v = torch.randn(batch, kv_heads, kv_len, head_dim, generator=gen)
+    offsets = torch.tensor(list(pads)[:batch], dtype=torch.int64)
+    key_positions = torch.arange(kv_len)[None, :] - offsets[:, None]
+    query_positions = key_positions[:, kv_len - q_len:]
+    k = apply_rope(k, RotaryParams(inv_freq, 1.0), key_rope_positions(key_positions.clamp(min=0), config.chunk_len))
+    to = dict(device=device, dtype=dtype)
+    return (q.to(**to), k.to(**to), v.to(**to), query_positions.to(device), key_positions.to(device), rope, config)
+
+
+def run_case(case, dtype, device):
+    """Errors of the kernel and of the low-precision reference path against the fp32 oracle."""
+    from chunkllama.attention import dca_attention, resolve_backend
+    from chunkllama.attention.reference import reference_dca_attention
+    from chunkllama.attention.triton_decode import dca_decode
+    from chunkllama.attention.triton_prefill import dca_prefill
+
+    kind = case[1]
+    q, k, v, qpos, kpos, rope, config = make_inputs(case, dtype, device)
+    scale = q.shape[-1] ** -0.5
+    oracle = reference_dca_attention(q.float(), k.float(), v.float(), qpos, kpos, rope, config, scale)
+    lowp = reference_dca_attention(q, k, v, qpos, kpos, rope, config, scale)
+    args = (q, k, v, qpos, kpos, rope.inv_freq, rope.attention_scaling, config.chunk_len, config.chunk_size, scale)
+    if kind == "prefill":
+        out = dca_prefill(*args)
+    elif kind == "decode":
+        out = dca_decode(*args)
+    else:
+        assert resolve_backend("auto", q, k, v) == "triton"
+        out = dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="auto")
+    padding_rows = qpos < 0
+    return {
+        "err": (out.float() - oracle).abs().max().item(),
+        "ref_err": (lowp.float() - oracle).abs().max().item(),
+        "finite": bool(torch.isfinite(out).all()),
+        "padding_zero": bool((out.float().permute(0, 2, 1, 3)[padding_rows] == 0).all()),
+        "shape_ok": tuple(out.shape) == tuple(q.shape) and out.dtype == q.dtype,
+    }
+
+
+def _worker() -> None:
+    results = {}
+    for case in CPU_CASES:
+        results[case[0]] = run_case(case, torch.float16, "cpu")
+    print("RESULTS " + json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--worker"], env=env, capture_output=True, text=True, timeout=600
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+def _check(result, dtype):
+    assert result["shape_ok"]
+    assert result["finite"]
+    assert result["padding_zero"]
+    assert result["err"] <= 2 * result["ref_err"] + ATOL[dtype], result
+
+
+@pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
+def test_interpreter_matches_reference(case, interpreter_results):
+    _check(interpreter_results[case[0]], torch.float16)
+
+
+def test_unsupported_reasons():
+    pytest.importorskip("triton")
+    from chunkllama.attention.triton_dispatch import unsupported_reason
+
+    q = torch.zeros(1, 2, 4, 64, dtype=torch.float16)
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        assert "cpu" in unsupported_reason(q, q, q)
+    if torch.cuda.is_available():
+        qc = q.cuda()
+        assert unsupported_reason(qc, qc, qc) is None
+        assert "dtype" in unsupported_reason(qc.float(), qc.float(), qc.float())
+        odd = torch.zeros(1, 2, 4, 80, dtype=torch.float16, device="cuda")
+        assert "head_dim" in unsupported_reason(odd, odd, odd)
+
+
+def test_auto_falls_back_and_forced_triton_errors_on_cpu():
+    from chunkllama.attention import dca_attention, resolve_backend
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        pytest.skip("the interpreter makes CPU tensors supported")
+    case = ("cpu", "auto", 1, 2, 1, 8, 8, 64, 32, (0,))
+    q, k, v, qpos, kpos, rope, config = make_inputs(case, torch.float32, "cpu")
+    assert resolve_backend("auto", q, k, v) == "reference"
+    dca_attention(q, k, v, qpos, kpos, rope, config, backend="auto")
+    with pytest.raises(ValueError, match="triton"):
+        dca_attention(q, k, v, qpos, kpos, rope, config, backend="triton")
+
+
+# Real shapes on the GPU (pretraining 8192 -> chunk_len 5120), bf16 and fp16.
+GPU_CASES = [
+    ("gpu_prefill_16k_gqa4", "prefill", 1, 32, 8, 16384, 16384, 128, 8192, (0,)),
+    ("gpu_prefill_odd_gqa8_pad", "prefill", 2, 32, 4, 11001, 11001, 128, 8192, (0, 1234)),
+    ("gpu_prefill_chunked_gqa1", "prefill", 1, 8, 8, 3000, 13313, 64, 8192, (0,)),
+    ("gpu_prefill_d64_gqa4", "prefill", 1, 16, 4, 10241, 10241, 64, 8192, (0,)),
+    ("gpu_decode_32k", "decode", 1, 32, 8, 1, 32768, 128, 8192, (0,)),
+    ("gpu_decode_pad_gqa8", "decode", 2, 32, 4, 1, 20481, 128, 8192, (0, 777)),
+    ("gpu_decode_4tok", "decode", 1, 32, 8, 4, 15361, 64, 8192, (0,)),
+    ("gpu_auto_small", "auto", 2, 8, 2, 513, 1030, 128, 512, (0, 5)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_gpu_matches_reference(case, dtype):
+    result = run_case(case, dtype, "cuda")
+    print(case[0], dtype, result)
+    _check(result, dtype)
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+    _worker()
