@@ -1,0 +1,53 @@
+"""Methods are applied through transformers' own rope scaling / apply_dca, recorded, and reversible."""
+
+import pytest
+import torch
+
+from chunkllama import get_dca_config
+from chunkllama.eval.methods import apply_method, method_applied, parse_method, parse_methods
+
+
+def test_parse_methods():
+    specs = parse_methods(["none,yarn", "dca:chunk_size=32,local_window=4", "ntk:factor=2"])
+    assert [s.name for s in specs] == ["none", "yarn", "dca", "ntk"]
+    assert specs[2].option("chunk_size") == 32 and specs[2].label == "dca(chunk_size=32,local_window=4)"
+    assert specs[3].option("factor") == 2.0
+    with pytest.raises(ValueError, match="Unknown method"):
+        parse_method("alibi")
+    with pytest.raises(ValueError, match="Bad option"):
+        parse_method("yarn:chunk_size=3")
+
+
+@pytest.mark.parametrize("name, rope_type", [("pi", "linear"), ("ntk", "dynamic"), ("yarn", "yarn")])
+def test_rope_methods_factor_and_restore(tiny_model, name, rope_type):
+    ids = torch.randint(3, 300, (1, 160))
+    before = tiny_model(ids).logits
+    rope_before = dict(tiny_model.config.rope_parameters)
+    with method_applied(tiny_model, name, 256) as record:
+        assert record["rope_parameters"]["rope_type"] == rope_type
+        assert record["rope_parameters"]["factor"] == 4.0  # 256 / 64
+        assert record["rope_parameters"]["original_max_position_embeddings"] == 64
+        assert record["rotary"]["rope_type"] == rope_type
+        assert tiny_model.model.rotary_emb.rope_type == rope_type
+        assert not torch.allclose(tiny_model(ids).logits, before)
+    assert tiny_model.config.rope_parameters == rope_before
+    assert torch.equal(tiny_model(ids).logits, before)
+
+
+def test_rope_method_within_window_is_plain(tiny_model):
+    applied = apply_method(tiny_model, "yarn", 64)
+    assert applied.record["rope_parameters"]["rope_type"] == "default"
+    assert "note" in applied.record
+    applied.restore()
+
+
+def test_dca_method_recorded_and_removed(tiny_model):
+    ids = torch.randint(3, 300, (1, 120))
+    before = tiny_model(ids).logits
+    with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
+        assert record["dca"] == {"pretraining_length": 64, "chunk_size": 32, "local_window": 4, "chunk_len": 28}
+        out = tiny_model(ids).logits
+        torch.testing.assert_close(out[:, :28], before[:, :28])  # one chunk: plain attention
+        assert not torch.allclose(out, before)
+    assert get_dca_config(tiny_model) is None
+    assert torch.equal(tiny_model(ids).logits, before)
