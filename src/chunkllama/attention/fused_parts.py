@@ -39,7 +39,7 @@ def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
 
 def _same_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention where ``q`` has exactly ``k``'s heads. Returns ``(out fp32, lse fp32)``."""
-    if q.dtype == k.dtype == v.dtype:
+    if q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]:  # fused kernels need Dv == D
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, is_causal=causal, scale=scale
