@@ -40,7 +40,7 @@ def _dca_decode_split_kernel(
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = pid_bh // num_kv_heads
+    b = (pid_bh // num_kv_heads).to(tl.int64)
     hk = pid_bh % num_kv_heads
     DTYPE = Q.dtype.element_ty
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -52,10 +52,10 @@ def _dca_decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    qpos = tl.load(QPos + b * stride_qpb + tok, mask=row_in, other=-1)
+    qpos = tl.load(QPos + b * stride_qpb + tok, mask=row_in, other=-1).to(tl.int32)
     q_hi = tl.max(qpos, 0)
     q_lo = tl.min(tl.where(qpos >= 0, qpos, q_hi), 0)
-    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1)
+    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1).to(tl.int32)
 
     sw_d = (offs_d + HALF) % HEAD_DIM
     sign = tl.where(offs_d < HALF, -1.0, 1.0)

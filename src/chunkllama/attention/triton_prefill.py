@@ -114,7 +114,7 @@ def _dca_prefill_kernel(
     num_m = tl.cdiv(Tq, BLOCK_M)
     start_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
     pid_bh = tl.program_id(1)
-    b = pid_bh // num_q_heads
+    b = (pid_bh // num_q_heads).to(tl.int64)  # int64 batch offsets: B*H*T*D may exceed 2**31
     h = pid_bh % num_q_heads
     hk = h // groups
     DTYPE = Q.dtype.element_ty
@@ -124,11 +124,11 @@ def _dca_prefill_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     row_in = offs_m < Tq
-    qpos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_in, other=-1)
+    qpos = tl.load(QPos + b * stride_qpb + offs_m, mask=row_in, other=-1).to(tl.int32)
     row_valid = qpos >= 0
     q_hi = tl.max(qpos, 0)
     q_lo = tl.min(tl.where(row_valid, qpos, q_hi), 0)
-    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1)  # key index of position 0
+    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1).to(tl.int32)  # key index of position 0
 
     # Rotation helpers: rotate_half partner column and its sign; frequencies cat(f, f).
     sw_d = (offs_d + HALF) % HEAD_DIM

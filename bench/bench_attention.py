@@ -1,0 +1,273 @@
+"""DCA attention speed: fused Triton kernels vs one causal SDPA-flash call vs the three-call composition.
+
+Usage (CUDA):
+    python bench/bench_attention.py [--lengths 8192 16384 32768 65536 131072]
+        [--decode-lengths 16384 32768 65536 131072] [--tune] [--out bench/results]
+
+Shapes: batch 1, 32 query heads / 8 KV heads, head_dim 128, bf16, pretraining length 8192
+(chunk_size 6144, local_window 1024, chunk_len 5120). Random inputs (never zeros).
+
+- ``dca_ms``: :func:`chunkllama.attention.dca_attention` with ``backend="triton"`` (unrotated queries,
+  keys as cached), positions included.
+- ``sdpa_ms``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)`` under the
+  flash backend on the same tensors (decode: one query, no mask).
+- ``three_call_ms``: the published approach: three rotated copies of the queries, per query chunk one
+  causal flash call (own chunk), one over the previous chunk and one over all earlier chunks, merged
+  by log-sum-exp in fp32 (``torch.ops.aten._scaled_dot_product_flash_attention``, which returns the LSE;
+  K/V repeated to the query heads beforehand, outside the timing).
+- TFLOP/s = ``2 * T**2 * Hq * D / time`` (issue 3's causal count).
+Each output is also checked against the three-call composition (max abs difference).
+
+Timing: ``triton.testing.do_bench`` (CUDA events, warm-up, median; it flushes L2 between runs).
+Writes ``attention.json`` (rows ``{"bench": "prefill"|"decode", "T", "dca_ms", "sdpa_ms", ...}``) and
+``attention.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from chunkllama.attention import dca_attention
+from chunkllama.config import DCAConfig
+from chunkllama.positions import INTER, INTRA, SUCCESSIVE, query_rope_positions  # noqa: F401
+from chunkllama.rope import RotaryParams, apply_rope
+
+HQ, HK, D = 32, 8, 128
+PRETRAINING = 8192
+TUNE_CONFIGS = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "128,128,8,2", "64,64,4,3"]
+
+
+def device_info() -> dict:
+    import triton
+    import transformers
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+    }
+
+
+def bench_ms(fn, rep_ms: float = 500.0) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=100, rep=rep_ms, return_mode="median"))
+
+
+def make_rope() -> RotaryParams:
+    inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device="cuda") / D))
+    return RotaryParams(inv_freq, 1.0)
+
+
+def flash(q, k, v, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, lse
+
+
+def three_call(q, k_rep, v_rep, positions, rope, config, scale):
+    """The published DCA composition: per query chunk up to three flash calls, merged by LSE (fp32)."""
+    cl, cs = config.chunk_len, int(config.chunk_size)
+    q_len, kv_len = q.shape[2], k_rep.shape[2]
+    past = kv_len - q_len
+    intra_p, succ_p, inter_p = query_rope_positions(positions, cl, cs)
+    q_intra, q_succ, q_inter = (apply_rope(q, rope, p) for p in (intra_p, succ_p, inter_p))
+    out = torch.empty_like(q)
+    first_chunk = past // cl
+    for c in range(first_chunk, (kv_len - 1) // cl + 1):
+        ks, ke = c * cl, min((c + 1) * cl, kv_len)  # key range of this chunk
+        qs, qe = max(ks, past) - past, ke - past  # its queries
+        parts = [flash(q_intra[:, :, qs:qe], k_rep[:, :, ks:ke], v_rep[:, :, ks:ke], True, scale)]
+        if c >= 1:
+            parts.append(flash(q_succ[:, :, qs:qe], k_rep[:, :, ks - cl:ks], v_rep[:, :, ks - cl:ks], False, scale))
+        if c >= 2:
+            parts.append(flash(q_inter[:, :, qs:qe], k_rep[:, :, :ks - cl], v_rep[:, :, :ks - cl], False, scale))
+        lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+        acc = sum(p[0].float() * torch.exp(p[1] - lse).unsqueeze(-1) for p in parts)
+        out[:, :, qs:qe] = acc.to(q.dtype)
+    return out
+
+
+def sdpa_flash(q, k, v, causal, scale):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=True)
+
+
+def inputs(q_len: int, kv_len: int, rope: RotaryParams, config: DCAConfig, seed: int = 0):
+    torch.manual_seed(seed)
+    q = torch.randn(1, HQ, q_len, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, HK, kv_len, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, HK, kv_len, D, device="cuda", dtype=torch.bfloat16)
+    kpos = torch.arange(kv_len, device="cuda").unsqueeze(0)
+    k = apply_rope(k, rope, kpos % config.chunk_len)
+    return q, k, v, kpos[:, kv_len - q_len:], kpos
+
+
+def run_prefill(T: int, rope, config, scale, rows: list, info: dict) -> None:
+    q, k, v, qpos, kpos = inputs(T, T, rope, config)
+    dca = lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton")  # noqa: E731
+    sdpa = lambda: sdpa_flash(q, k, v, True, scale)  # noqa: E731
+    k_rep, v_rep = k.repeat_interleave(HQ // HK, 1), v.repeat_interleave(HQ // HK, 1)
+    three = lambda: three_call(q, k_rep, v_rep, qpos, rope, config, scale)  # noqa: E731
+    out = dca()
+    ref = three()
+    diff = (out.float() - ref.float()).abs().max().item()
+    rep_ms = 300.0 if T <= 32768 else 1500.0
+    dca_ms, sdpa_ms, three_ms = bench_ms(dca, rep_ms), bench_ms(sdpa, rep_ms), bench_ms(three, rep_ms)
+    flops = 2.0 * T * T * HQ * D
+    row = {
+        "bench": "prefill", "T": T, "dca_ms": round(dca_ms, 3), "sdpa_ms": round(sdpa_ms, 3),
+        "three_call_ms": round(three_ms, 3), "dca_over_sdpa": round(dca_ms / sdpa_ms, 3),
+        "three_call_over_sdpa": round(three_ms / sdpa_ms, 3),
+        "dca_tflops": round(flops / dca_ms / 1e9, 1), "sdpa_tflops": round(flops / sdpa_ms / 1e9, 1),
+        "max_abs_diff_vs_three_call": diff, "batch": 1, "q_heads": HQ, "kv_heads": HK, "head_dim": D,
+        "dtype": "bfloat16", "dca_config": config.to_dict(),
+        "prefill_config": os.environ.get("CHUNKLLAMA_PREFILL_CONFIG", "default"), **info,
+    }
+    rows.append(row)
+    print(json.dumps({k_: row[k_] for k_ in ("bench", "T", "dca_ms", "sdpa_ms", "three_call_ms", "dca_over_sdpa",
+                                              "dca_tflops", "max_abs_diff_vs_three_call")}), flush=True)
+    del q, k, v, k_rep, v_rep, out, ref
+    torch.cuda.empty_cache()
+
+
+def run_decode(T: int, rope, config, scale, rows: list, info: dict) -> None:
+    q, k, v, qpos, kpos = inputs(1, T, rope, config)
+    dca = lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton")  # noqa: E731
+    sdpa = lambda: sdpa_flash(q, k, v, False, scale)  # noqa: E731
+    # Decode through flash with the query heads of a group as rows (K/V read once per KV head).
+    q_packed = lambda: q.view(1, HK, HQ // HK, D)  # noqa: E731
+    sdpa_packed = lambda: sdpa_flash(q_packed(), k, v, False, scale)  # noqa: E731
+
+    def three():
+        cl, cs = config.chunk_len, int(config.chunk_size)
+        p = qpos
+        qs = [apply_rope(q, rope, x).view(1, HK, HQ // HK, D) for x in query_rope_positions(p, cl, cs)]
+        c = (T - 1) // cl
+        ks = c * cl
+        parts = [flash(qs[0], k[:, :, ks:], v[:, :, ks:], False, scale)]
+        if c >= 1:
+            parts.append(flash(qs[1], k[:, :, ks - cl:ks], v[:, :, ks - cl:ks], False, scale))
+        if c >= 2:
+            parts.append(flash(qs[2], k[:, :, :ks - cl], v[:, :, :ks - cl], False, scale))
+        lse = torch.logsumexp(torch.stack([x[1] for x in parts]), dim=0)
+        acc = sum(x[0].float() * torch.exp(x[1] - lse).unsqueeze(-1) for x in parts)
+        return acc.to(q.dtype).view(1, HQ, 1, D)
+
+    out, ref = dca(), three()
+    diff = (out.float() - ref.float()).abs().max().item()
+    dca_ms, three_ms, packed_ms = bench_ms(dca, 200), bench_ms(three, 200), bench_ms(sdpa_packed, 200)
+    try:
+        sdpa_ms, sdpa_kind = bench_ms(sdpa, 200), "flash enable_gqa"
+    except RuntimeError:
+        sdpa_ms, sdpa_kind = packed_ms, "flash, query heads of a group packed as rows"
+    kv_bytes = 2 * T * HK * D * 2
+    row = {
+        "bench": "decode", "T": T, "dca_ms": round(dca_ms, 4), "sdpa_ms": round(sdpa_ms, 4), "sdpa_kind": sdpa_kind,
+        "sdpa_packed_ms": round(packed_ms, 4), "three_call_ms": round(three_ms, 4),
+        "dca_over_sdpa": round(dca_ms / sdpa_ms, 3), "three_call_over_sdpa": round(three_ms / sdpa_ms, 3),
+        "dca_kv_gbps": round(kv_bytes / dca_ms / 1e6, 1), "max_abs_diff_vs_three_call": diff,
+        "batch": 1, "q_heads": HQ, "kv_heads": HK, "head_dim": D, "dtype": "bfloat16",
+        "dca_config": config.to_dict(), **info,
+    }
+    rows.append(row)
+    print(json.dumps({k_: row[k_] for k_ in ("bench", "T", "dca_ms", "sdpa_ms", "sdpa_packed_ms", "three_call_ms",
+                                              "dca_over_sdpa", "max_abs_diff_vs_three_call")}), flush=True)
+
+
+def tune(rope, config, scale, T: int) -> str:
+    q, k, v, qpos, kpos = inputs(T, T, rope, config)
+    best = None
+    for cfg in TUNE_CONFIGS:
+        os.environ["CHUNKLLAMA_PREFILL_CONFIG"] = cfg
+        try:
+            ms = bench_ms(lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton"), 300)
+        except Exception as exc:  # a config the compiler rejects (shared memory)
+            print(f"tune {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            continue
+        print(f"tune {cfg}: {ms:.3f} ms at T={T}", flush=True)
+        if best is None or ms < best[1]:
+            best = (cfg, ms)
+    assert best is not None
+    os.environ["CHUNKLLAMA_PREFILL_CONFIG"] = best[0]
+    return best[0]
+
+
+def write_md(rows: list, info: dict, path: Path) -> None:
+    lines = [
+        f"# DCA attention: fused Triton vs SDPA flash vs three-call composition",
+        "",
+        f"{info['device']}, torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}. Batch 1, "
+        f"{HQ} q heads / {HK} kv heads, head_dim {D}, bf16, pretraining length {PRETRAINING} "
+        "(chunk_size 6144, local 1024, chunk_len 5120). Median of CUDA-event timings (triton do_bench).",
+        "",
+        "## Prefill (causal, whole prompt)",
+        "",
+        "| T | DCA Triton ms | SDPA flash ms | three-call ms | DCA / SDPA | three-call / SDPA | DCA TFLOP/s | SDPA TFLOP/s | max abs diff vs three-call |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["bench"] == "prefill":
+            lines.append(
+                f"| {r['T']} | {r['dca_ms']:.2f} | {r['sdpa_ms']:.2f} | {r['three_call_ms']:.2f} | "
+                f"{r['dca_over_sdpa']:.3f} | {r['three_call_over_sdpa']:.3f} | {r['dca_tflops']} | "
+                f"{r['sdpa_tflops']} | {r['max_abs_diff_vs_three_call']:.2e} |"
+            )
+    lines += [
+        "",
+        "## Decode (one token against a cache of T)",
+        "",
+        "| cache T | DCA Triton ms | SDPA flash ms | SDPA flash, heads packed ms | three-call ms | DCA / SDPA | "
+        "three-call / SDPA | DCA K/V GB/s | max abs diff vs three-call |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["bench"] == "decode":
+            lines.append(
+                f"| {r['T']} | {r['dca_ms']:.4f} | {r['sdpa_ms']:.4f} | {r['sdpa_packed_ms']:.4f} | "
+                f"{r['three_call_ms']:.4f} | {r['dca_over_sdpa']:.3f} | {r['three_call_over_sdpa']:.3f} | "
+                f"{r['dca_kv_gbps']} | {r['max_abs_diff_vs_three_call']:.2e} |"
+            )
+    lines.append("")
+    path.write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
+    parser.add_argument("--decode-lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
+    parser.add_argument("--tune", action="store_true", help="time a few tile configs at 16k first; keep the best")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_attention.py needs CUDA.")
+    info = device_info()
+    config = DCAConfig(PRETRAINING)
+    rope = make_rope()
+    scale = D**-0.5
+    rows: list = []
+    if args.tune:
+        info["tuned_prefill_config"] = tune(rope, config, scale, 16384)
+    for T in args.lengths:
+        run_prefill(T, rope, config, scale, rows, info)
+    for T in args.decode_lengths:
+        run_decode(T, rope, config, scale, rows, info)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attention.json").write_text(json.dumps(rows, indent=1))
+    write_md(rows, info, args.out / "attention.md")
+    print((args.out / "attention.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
