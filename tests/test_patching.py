@@ -1,0 +1,304 @@
+"""Per-instance patching of whole models: DCA logits equal the oracle model's, and patching is exact.
+
+The oracle model is the same random model with every attention module's ``forward``
+monkeypatched to :func:`oracle.oracle_attention_forward` (q/k/v from the module's own weights,
+Qwen3's q/k norms, the model's own rotary ``inv_freq``; full T×T scores; fp64 softmax).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import chunkllama
+from chunkllama import DCAConfig, apply_dca, get_dca_config, is_dca_applied, remove_dca
+from conftest import (
+    BOUNDARY_LENGTHS,
+    CHUNK_LEN,
+    CHUNK_SIZE,
+    FAMILIES,
+    PRETRAINING_LENGTH,
+    attention_modules,
+    make_model,
+    random_ids,
+)
+from oracle import install_oracle
+
+TOL = 1e-5
+
+
+def _logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, use_cache=False, **kwargs).logits
+
+
+def _oracle_model(family, monkeypatch, chunk_len=CHUNK_LEN, chunk_size=CHUNK_SIZE, **overrides):
+    model = make_model(family, **overrides)
+    install_oracle(model, monkeypatch, chunk_len, chunk_size)
+    return model
+
+
+# ----------------------------------------------------------------------------- the oracle, model level
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_matches_oracle_at_every_chunk_boundary(family, monkeypatch):
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    oracle = _oracle_model(family, monkeypatch)
+    plain = make_model(family)
+    ids = random_ids(1, max(BOUNDARY_LENGTHS), seed=7)
+    for length in BOUNDARY_LENGTHS:
+        got = _logits(dca, ids[:, :length])
+        expected = _logits(oracle, ids[:, :length])
+        err = (got - expected).abs().max().item()
+        assert err <= TOL, f"{family} T={length}: max abs logit diff {err:.3g}"
+    # The test can fail: beyond one chunk, plain RoPE attention is far from DCA.
+    assert (_logits(plain, ids) - expected).abs().max() > 100 * TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("dca_kwargs", [dict(chunk_size=30, local_window=13), dict(local_window=0), dict(chunk_size=10, local_window=3)])
+def test_model_matches_oracle_other_geometries(family, dca_kwargs, monkeypatch):
+    cfg = DCAConfig(PRETRAINING_LENGTH, **dca_kwargs)
+    dca = apply_dca(make_model(family), cfg)
+    oracle = _oracle_model(family, monkeypatch, cfg.chunk_len, cfg.chunk_size)
+    ids = random_ids(1, 90, seed=3)
+    assert (_logits(dca, ids) - _logits(oracle, ids)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
+def test_model_matches_oracle_left_padded_batch(family, monkeypatch):
+    """HF-style left padding: attention_mask zeros and position ids counting from the first real token."""
+    pads = [0, 5, 21]
+    length = 85
+    ids = random_ids(3, length, seed=11)
+    mask = torch.ones(3, length, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    hf_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)  # what generate() passes
+    oracle_positions = torch.stack([torch.arange(length) - pad for pad in pads])  # padding negative
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    oracle = _oracle_model(family, monkeypatch)
+    got = _logits(dca, ids, attention_mask=mask, position_ids=hf_positions)
+    expected = _logits(oracle, ids, position_ids=oracle_positions)
+    for row, pad in enumerate(pads):
+        err = (got[row, pad:] - expected[row, pad:]).abs().max().item()
+        assert err <= TOL, f"row {row}: {err:.3g}"
+        alone = _logits(dca, ids[row : row + 1, pad:])  # and equal to the row run alone
+        assert (got[row, pad:] - alone[0]).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_is_replaced_by_dca(family, monkeypatch):
+    """A model configured with a sliding window still gets full DCA (and gets its window back on removal)."""
+    overrides = dict(sliding_window=16)
+    if family == "qwen2":
+        overrides.update(use_sliding_window=True, max_window_layers=0)
+    model = make_model(family, **overrides)
+    before = model.config.to_dict()
+    apply_dca(model, pretraining_length=PRETRAINING_LENGTH)
+    oracle = _oracle_model(family, monkeypatch, **overrides)
+    ids = random_ids(1, 70, seed=2)
+    assert (_logits(model, ids) - _logits(oracle, ids)).abs().max() <= TOL
+    remove_dca(model)
+    assert model.config.to_dict() == before
+
+
+# ----------------------------------------------------------------------------- one chunk == the plain model
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_inputs_equal_the_unpatched_model(family):
+    plain = make_model(family)
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    ids = random_ids(2, CHUNK_SIZE + 2, seed=1)
+    for length in (1, 2, 7, CHUNK_LEN - 1, CHUNK_LEN):
+        err = (_logits(dca, ids[:, :length]) - _logits(plain, ids[:, :length])).abs().max().item()
+        assert err <= TOL, f"T={length}: {err:.3g}"
+    # Sharper: the local window keeps true distances for successive-chunk keys, so DCA equals plain
+    # RoPE up to position chunk_size (every distance <= chunk_size) and differs from the next one on.
+    dca_logits, plain_logits = _logits(dca, ids), _logits(plain, ids)
+    assert (dca_logits[:, : CHUNK_SIZE + 1] - plain_logits[:, : CHUNK_SIZE + 1]).abs().max() <= TOL
+    assert (dca_logits[:, CHUNK_SIZE + 1] - plain_logits[:, CHUNK_SIZE + 1]).abs().max() > 100 * TOL
+
+
+def test_short_inputs_equal_the_unpatched_model_with_sdpa():
+    plain = make_model("llama")
+    plain.config._attn_implementation = "sdpa"
+    dca = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
+    ids = random_ids(1, CHUNK_LEN, seed=4)
+    assert (_logits(dca, ids) - _logits(plain, ids)).abs().max() <= TOL
+
+
+# ----------------------------------------------------------------------------- exact, per instance, idempotent
+def _instance_state(model):
+    """Everything per-instance patching could touch: instance dicts of all modules and the config."""
+    return (
+        {name: sorted(k for k in vars(m) if not k.startswith("_modules")) for name, m in model.named_modules()},
+        {name: vars(m).get("forward") for name, m in model.named_modules()},
+        model.config.to_dict(),
+    )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remove_restores_bit_identical_logits_and_state(family):
+    model = make_model(family)
+    ids = random_ids(2, 70, seed=5)
+    before_logits = _logits(model, ids)
+    before_state = _instance_state(model)
+    apply_dca(model, pretraining_length=PRETRAINING_LENGTH)
+    assert is_dca_applied(model)
+    assert not torch.equal(_logits(model, ids), before_logits)
+    assert remove_dca(model) is model
+    assert torch.equal(_logits(model, ids), before_logits)
+    assert _instance_state(model) == before_state
+    assert not any("chunkllama" in k for m in model.modules() for k in vars(m))
+    assert not is_dca_applied(model) and get_dca_config(model) is None
+    remove_dca(model)  # no-op on an unpatched model
+    assert torch.equal(_logits(model, ids), before_logits)
+
+
+def test_remove_restores_a_pre_existing_instance_forward():
+    model = make_model("llama")
+    module = attention_modules(model)[0]
+    original = module.forward
+
+    def custom_forward(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    module.forward = custom_forward
+    apply_dca(model, pretraining_length=PRETRAINING_LENGTH)
+    assert module.forward is not custom_forward
+    remove_dca(model)
+    assert module.forward is custom_forward
+
+
+def test_apply_twice_equals_once_and_reapply_replaces():
+    ids = random_ids(1, 90, seed=6)
+    once = apply_dca(make_model("qwen3"), pretraining_length=PRETRAINING_LENGTH)
+    twice = apply_dca(apply_dca(make_model("qwen3"), pretraining_length=PRETRAINING_LENGTH), pretraining_length=PRETRAINING_LENGTH)
+    assert torch.equal(_logits(once, ids), _logits(twice, ids))
+    assert get_dca_config(twice) == DCAConfig(PRETRAINING_LENGTH)
+
+    other = DCAConfig(40, chunk_size=30, local_window=5)
+    replaced = apply_dca(make_model("qwen3"), pretraining_length=PRETRAINING_LENGTH)
+    apply_dca(replaced, other)
+    fresh = apply_dca(make_model("qwen3"), other)
+    assert get_dca_config(replaced) == other
+    assert torch.equal(_logits(replaced, ids), _logits(fresh, ids))
+    plain_logits = _logits(make_model("qwen3"), ids)
+    remove_dca(replaced)  # one removal undoes the whole stack
+    assert torch.equal(_logits(replaced, ids), plain_logits)
+
+
+def test_other_instances_and_the_class_are_untouched():
+    patched, untouched = make_model("llama"), make_model("llama")
+    ids = random_ids(1, 60, seed=8)
+    expected = _logits(untouched, ids)
+    class_forward = type(attention_modules(patched)[0]).forward
+    apply_dca(patched, pretraining_length=PRETRAINING_LENGTH)
+    assert torch.equal(_logits(untouched, ids), expected)
+    assert type(attention_modules(patched)[0]).forward is class_forward
+    assert not is_dca_applied(untouched)
+    assert torch.equal(_logits(make_model("llama"), ids), expected)  # new instances too
+    clone = copy.deepcopy(patched)  # a deep copy carries its own, independent patch
+    remove_dca(patched)
+    assert is_dca_applied(clone)
+    assert torch.equal(_logits(patched, ids), expected)
+
+
+def test_get_dca_config_reads_back_and_returns_model():
+    model = make_model("mistral")
+    assert get_dca_config(model) is None
+    assert apply_dca(model, pretraining_length=64, chunk_size=40, local_window=6) is model
+    assert get_dca_config(model) == DCAConfig(64, 40, 6)
+    assert get_dca_config(model).to_dict() == {"pretraining_length": 64, "chunk_size": 40, "local_window": 6, "chunk_len": 34}
+
+
+def test_apply_to_base_model():
+    model = make_model("llama")
+    apply_dca(model.model, pretraining_length=PRETRAINING_LENGTH)
+    assert get_dca_config(model) == DCAConfig(PRETRAINING_LENGTH)  # found from the wrapper too
+    reference = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
+    ids = random_ids(1, 50, seed=9)
+    assert torch.equal(_logits(model, ids), _logits(reference, ids))
+    remove_dca(model)
+    assert not is_dca_applied(model)
+
+
+def test_default_length_is_max_position_embeddings():
+    model = make_model("llama", max_position_embeddings=PRETRAINING_LENGTH)
+    apply_dca(model)
+    assert get_dca_config(model) == DCAConfig(PRETRAINING_LENGTH)
+
+
+def test_dual_chunk_attention_config_is_picked_up(monkeypatch):
+    data = {"chunk_size": 30, "local_size": 13, "original_max_position_embeddings": 40}
+    model = make_model("qwen2", dual_chunk_attention_config=data)
+    apply_dca(model)
+    assert get_dca_config(model) == DCAConfig(40, 30, 13)
+    oracle = _oracle_model("qwen2", monkeypatch, chunk_len=17, chunk_size=30)
+    ids = random_ids(1, 75, seed=10)
+    assert (_logits(model, ids) - _logits(oracle, ids)).abs().max() <= TOL
+    # explicit arguments win over the config's
+    apply_dca(model, pretraining_length=PRETRAINING_LENGTH)
+    assert get_dca_config(model) == DCAConfig(PRETRAINING_LENGTH)
+    apply_dca(model, local_window=2)  # the config's window length with a new local window
+    assert get_dca_config(model) == DCAConfig(40, local_window=2)
+
+
+def test_written_config_round_trips_through_save_pretrained(tmp_path):
+    import transformers
+
+    model = make_model("qwen2")
+    cfg = DCAConfig(PRETRAINING_LENGTH, chunk_size=20, local_window=2)
+    cfg.write_to_model_config(model.config)
+    model.save_pretrained(tmp_path)
+    reloaded = apply_dca(transformers.AutoModelForCausalLM.from_pretrained(tmp_path))
+    assert get_dca_config(reloaded) == cfg
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(pretraining_length=0), "pretraining_length"),
+        (dict(pretraining_length=-32), "pretraining_length"),
+        (dict(pretraining_length=32, local_window=24), "local_window"),
+        (dict(pretraining_length=32, chunk_size=16, local_window=20), "local_window"),
+        (dict(pretraining_length=32, chunk_size=48), "chunk_size"),
+        (dict(pretraining_length=32, chunk_size=0), "chunk_size"),
+        (dict(pretraining_length=32, local_window=-1), "local_window"),
+    ],
+)
+def test_bad_lengths_fail_at_apply(kwargs, needle):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=needle):
+        apply_dca(model, **kwargs)
+    assert not is_dca_applied(model)
+
+
+def test_config_and_lengths_together_is_an_error():
+    with pytest.raises(ValueError):
+        apply_dca(make_model("llama"), DCAConfig(32), chunk_size=20)
+
+
+def test_bad_backend_fails_at_apply():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="backend"):
+        apply_dca(model, pretraining_length=PRETRAINING_LENGTH, backend="flash")
+    assert not is_dca_applied(model)
+
+
+def test_unsupported_model_names_class_and_supported_list():
+    import transformers
+
+    config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50, n_positions=64)
+    model = transformers.GPT2LMHeadModel(config)
+    with pytest.raises(ValueError) as info:
+        apply_dca(model, pretraining_length=32)
+    message = str(info.value)
+    assert "GPT2LMHeadModel" in message
+    for name in ("Llama", "Mistral", "Mixtral", "Qwen2", "Qwen3"):
+        assert name in message
+    assert chunkllama.SUPPORTED_MODELS in message
+    assert not any("chunkllama" in k for m in model.modules() for k in vars(m))
