@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from chunkllama import DCAConfig
-from conftest import make_config
+from tiny_models import make_config
 
 
 def test_paper_defaults():

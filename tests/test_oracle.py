@@ -86,7 +86,7 @@ def test_dense_matrices_match_pair_enumeration(chunk_len, chunk_size):
 
 
 def test_all_four_relations_occur_in_the_test_geometry():
-    from conftest import CHUNK_LEN, CHUNK_SIZE
+    from tiny_models import CHUNK_LEN, CHUNK_SIZE
 
     pos = torch.arange(101)[None]
     codes = relation_codes(pos, pos, CHUNK_LEN)

@@ -14,7 +14,7 @@ import torch
 
 import chunkllama
 from chunkllama import DCAConfig, apply_dca, get_dca_config, is_dca_applied, remove_dca
-from conftest import (
+from tiny_models import (
     BOUNDARY_LENGTHS,
     CHUNK_LEN,
     CHUNK_SIZE,

@@ -15,7 +15,7 @@ from chunkllama import DCAConfig, dca_attention
 from chunkllama.attention import reference as reference_module
 from chunkllama.attention.reference import reference_dca_attention
 from chunkllama.rope import RotaryParams
-from conftest import CHUNK_LEN, CHUNK_SIZE, PRETRAINING_LENGTH
+from tiny_models import CHUNK_LEN, CHUNK_SIZE, PRETRAINING_LENGTH
 from oracle import oracle_attention, rope_cos_sin, rotate
 
 CFG = DCAConfig(PRETRAINING_LENGTH)
