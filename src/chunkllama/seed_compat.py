@@ -13,6 +13,7 @@ import functools
 import importlib
 from typing import Any
 
+from .attention import check_backend
 from .config import DCAConfig
 from .patching import apply_dca
 
@@ -32,6 +33,7 @@ class FamilyPatch:
     """A class-level patch installed by ``replace_with_chunk*``; undo it with :meth:`undo`."""
 
     def __init__(self, family: str, config: DCAConfig, backend: str = "auto") -> None:
+        check_backend(backend)  # fail here, not later inside every model's __init__
         self.family = family
         self.config = config
         self.backend = backend
