@@ -89,6 +89,50 @@ def test_model_matches_oracle_left_padded_batch(family, monkeypatch):
         assert (got[row, pad:] - alone[0]).abs().max().item() <= TOL
 
 
+def _padded(lengths, total, seed=12):
+    ids = random_ids(len(lengths), total, seed=seed)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n :] = 1
+        ids[row, : total - n] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_padded_forward_without_position_ids(family):
+    """``model(input_ids, attention_mask=mask)`` with left padding and no position ids (a plain
+    batched forward, as ``model(**tokenizer(texts, padding=True))`` does): pads are not tokens."""
+    plain = make_model(family)
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    # within one chunk: identical to the unpatched model, which masks the pads
+    ids, mask = _padded([CHUNK_LEN, 9, 15], CHUNK_LEN)
+    expected = _logits(plain, ids, attention_mask=mask)
+    for got in (_logits(dca, ids, attention_mask=mask), _logits(dca, ids, attention_mask=mask.bool())):
+        assert ((got - expected).abs() * mask[..., None]).max() <= TOL
+    # across chunks: every row equals the row alone, as with explicit (generate-style) position ids
+    lengths = [83, 61, 40]
+    ids, mask = _padded(lengths, 83)
+    got = _logits(dca, ids, attention_mask=mask)
+    hf_positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+    assert torch.equal(got, _logits(dca, ids, attention_mask=mask, position_ids=hf_positions))
+    for row, n in enumerate(lengths):
+        alone = _logits(dca, ids[row : row + 1, 83 - n :])
+        assert (got[row, 83 - n :] - alone[0]).abs().max() <= TOL, f"row {row}"
+    with torch.no_grad():  # the base model called with positional arguments
+        hidden = dca.model(ids, mask).last_hidden_state
+        assert (dca.lm_head(hidden) - got).abs().max() <= TOL
+
+
+def test_right_padded_forward_real_tokens_equal_rows_alone():
+    dca = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
+    ids = random_ids(2, 70, seed=13)
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, 45:] = 0
+    got = _logits(dca, ids, attention_mask=mask)
+    assert (got[1, :45] - _logits(dca, ids[1:, :45])[0]).abs().max() <= TOL
+    assert (got[0] - _logits(dca, ids[:1])[0]).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
 def test_sliding_window_is_replaced_by_dca(family, monkeypatch):
     """A model configured with a sliding window still gets full DCA (and gets its window back on removal)."""
@@ -135,6 +179,7 @@ def _instance_state(model):
     return (
         {name: sorted(k for k in vars(m) if not k.startswith("_modules")) for name, m in model.named_modules()},
         {name: vars(m).get("forward") for name, m in model.named_modules()},
+        {name: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in model.named_modules()},
         model.config.to_dict(),
     )
 

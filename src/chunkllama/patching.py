@@ -65,9 +65,38 @@ class _ModelPatch:
     config: DCAConfig
     backend: str
     saved_config_values: dict[str, Any]
+    padding_hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _positions_from_padding
 
 
 _MISSING = object()
+_POSITION_ARGS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _positions_from_padding(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Forward pre-hook on the patched base model: position ids for padded batches given without them.
+
+    DCA reads padding and chunk positions from ``position_ids`` and never from the attention mask,
+    but a plain call such as ``model(**tokenizer(texts, padding=True))`` passes a 2D mask and no
+    position ids, so HF numbers the pad tokens too. Give such calls the position ids ``generate``
+    would pass (counted from each row's first real token, pads at 1); calls that carry position ids
+    or no padding are left alone.
+    """
+    given = dict(zip(_POSITION_ARGS, args))
+    given.update({name: kwargs[name] for name in _POSITION_ARGS if name in kwargs})
+    mask = given.get("attention_mask")
+    if given.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    tokens = given.get("input_ids")
+    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
+    if tokens is None or bool(mask.all()):
+        return None
+    mask = mask.to(torch.long)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -tokens.shape[1] :]
+    if len(args) > 2:
+        args = args[:2] + (positions,) + args[3:]
+    else:
+        kwargs["position_ids"] = positions
+    return args, kwargs
 
 
 def _rotary_params(rotary: nn.Module) -> RotaryParams:
@@ -240,7 +269,12 @@ def apply_dca(
         original = module.__dict__.get("forward", _MISSING)
         object.__setattr__(module, _LAYER_STATE, _AttentionPatch(config, family, rotary, backend, original))
         module.forward = types.MethodType(dca_attention_forward, module)
-    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, saved))
+    padding_hook = None
+    base = next((m for m in model.modules() if getattr(m, "rotary_emb", None) is rotary), None)
+    if base is not None:
+        handle = base.register_forward_pre_hook(_positions_from_padding, with_kwargs=True)
+        padding_hook = (base, handle.id)
+    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, saved, padding_hook))
     return model
 
 
@@ -267,6 +301,11 @@ def remove_dca(model: nn.Module) -> nn.Module:
         if patch.original_forward is not _MISSING:
             module.forward = patch.original_forward
         object.__delattr__(module, _LAYER_STATE)
+    if state.padding_hook is not None:
+        # by id, not through the handle: a deep-copied model carries its own copy of the hook
+        base, hook_id = state.padding_hook
+        base._forward_pre_hooks.pop(hook_id, None)
+        base._forward_pre_hooks_with_kwargs.pop(hook_id, None)
     config = _text_config(holder)
     for name, value in state.saved_config_values.items():
         setattr(config, name, value)
