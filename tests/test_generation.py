@@ -171,3 +171,17 @@ def test_sliding_window_model_generates_like_recomputation():
         logits = _forward(model, seq).logits[:, -1]
         assert (logits - result.logits[step]).abs().max().item() <= TOL
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=-1)
+
+
+def test_static_cache_and_beam_search():
+    """A StaticCache hands back all its slots (empty ones included): they lie in the future by
+    position and must stay invisible. Beam search reorders the cache."""
+    model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
+    prompt = random_ids(1, 70, seed=6)
+    dynamic = _generate(model, prompt, new=10)
+    static = _generate(model, prompt, new=10, cache_implementation="static")
+    assert torch.equal(dynamic.sequences, static.sequences)
+    assert max((a - b).abs().max().item() for a, b in zip(dynamic.logits, static.logits)) <= TOL
+    with torch.no_grad():
+        beams = model.generate(prompt, max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0)
+    assert beams.shape == (3, 78)

@@ -149,6 +149,20 @@ def test_sliding_window_is_replaced_by_dca(family, monkeypatch):
     assert model.config.to_dict() == before
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_low_precision_model_error_within_twice_plain(family, dtype):
+    """Whole model in bf16/fp16: the DCA model's error against its fp32 self (== the oracle, above)
+    is at most twice the error the unpatched model makes in that dtype against its fp32 self."""
+    ids = random_ids(2, 101, seed=14)
+    dca_error = (
+        _logits(apply_dca(make_model(family, dtype=dtype), pretraining_length=PRETRAINING_LENGTH), ids).float()
+        - _logits(apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH), ids)
+    ).abs().max().item()
+    plain_error = (_logits(make_model(family, dtype=dtype), ids).float() - _logits(make_model(family), ids)).abs().max().item()
+    assert 0 < dca_error <= 2 * plain_error, f"{dca_error:.3g} vs plain {plain_error:.3g}"
+
+
 # ----------------------------------------------------------------------------- one chunk == the plain model
 @pytest.mark.parametrize("family", FAMILIES)
 def test_short_inputs_equal_the_unpatched_model(family):
