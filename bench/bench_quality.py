@@ -169,6 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     md_path.write_text("\n".join(md) + "\n")
     print("\n".join(md), flush=True)
     outputs = [json_path, md_path]
+    try:
+        from chunkllama.eval.report import plot_vs_length
+
+        outputs.append(plot_vs_length([r for r in rows if r["ppl"] is not None], "ppl", out / f"quality_{tag}_ppl.png",
+                                      "PG19 perplexity", "perplexity", log_y=True))
+        outputs.append(plot_vs_length([r for r in rows if r["passkey"] is not None], "passkey",
+                                      out / f"quality_{tag}_passkey.png", "Passkey retrieval", "accuracy"))
+    except Exception as exc:  # plots are a convenience; never lose the numbers over them
+        print(f"[quality] plotting failed: {exc}", flush=True)
     if args.needle_lengths:
         outputs += _needle(model, tokenizer, args, tag, out, versions)
     if os.environ.get("OUT"):

@@ -27,6 +27,7 @@ from torch import nn
 from . import passkey as pk
 from .methods import MethodSpec, method_applied
 from .metrics import OPTION_TASKS, score_answer
+from .needle import cut_at_stop, stop_token_ids
 
 SYSTEM_PROMPTS = {
     "topic": (
@@ -191,7 +192,7 @@ def evaluate_longqa(
     bar = tqdm(total=len(methods) * sum(len(v) for v in items.values()), desc="longqa", disable=not progress)
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
-    eos = getattr(tokenizer, "eos_token_id", None)
+    stops = stop_token_ids(tokenizer)
     for spec in methods:
         with method_applied(model, spec, max_length, pretraining_length) as record:
             for task, task_items in items.items():
@@ -201,8 +202,7 @@ def evaluate_longqa(
                     n_new = max_new_tokens or DEFAULT_NEW_TOKENS.get(item.evaluation, 128)
                     ids, truncated = build_prompt(tokenizer, item, max_length, n_new, use_chat)
                     new = pk.greedy_generate(model, ids, n_new)
-                    if eos is not None and eos in new:
-                        new = new[: new.index(eos)]
+                    new = cut_at_stop(new, stops)
                     prediction = clean_generation(item, tokenizer.decode(new, skip_special_tokens=True))
                     scores = score_answer(task, item.evaluation, prediction, item.gold)
                     for key, value in scores.items():

@@ -41,6 +41,28 @@ def depth_grid(n: int) -> list[float]:
     return [round(100 * i / (n - 1), 2) for i in range(n)]
 
 
+def stop_token_ids(tokenizer: Any) -> set[int]:
+    """Token ids that end an answer: EOS and the usual end-of-turn markers in the vocabulary."""
+    stops = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        stops.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
+    for marker in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "</s>"):
+        if marker in vocab:
+            stops.add(int(vocab[marker]))
+    return stops
+
+
+def cut_at_stop(tokens: Sequence[int], stops: set[int]) -> list[int]:
+    """``tokens`` up to (not including) the first stop token."""
+    out = []
+    for token in tokens:
+        if token in stops:
+            break
+        out.append(token)
+    return out
+
+
 def needle_score(answer: str) -> float:
     """Fraction of the needle's key phrases present in ``answer`` (case-insensitive)."""
     text = " ".join(answer.lower().split())
@@ -119,6 +141,7 @@ def evaluate_needle(
     from tqdm.auto import tqdm
 
     haystack_ids = _encode(tokenizer, haystack)
+    stops = stop_token_ids(tokenizer)
     bar = tqdm(total=len(methods) * len(lengths) * len(depths), desc="needle", disable=not progress)
     rows: list[dict[str, Any]] = []
     samples: list[dict[str, Any]] = []
@@ -130,7 +153,7 @@ def evaluate_needle(
                     bar.set_postfix_str(f"{spec.label} L={length} depth={depth:g}%")
                     prompt = build_needle_prompt(tokenizer, haystack_ids, length, depth, use_chat)
                     new = pk.greedy_generate(model, prompt.input_ids, max_new_tokens)
-                    answer = tokenizer.decode(new, skip_special_tokens=True)
+                    answer = tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True).strip()
                     score = needle_score(answer)
                     scores.append(score)
                     samples.append(

@@ -120,8 +120,13 @@ def plot_vs_length(
     lengths = sorted({r["L"] for r in rows})
     ax.set_xticks(lengths)
     ax.set_xticklabels([f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-    if log_y:
+    values = [r[value] for r in rows if r.get(value) is not None and r[value] > 0]
+    if log_y and values and max(values) / min(values) > 10:  # log only when it helps readability
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
