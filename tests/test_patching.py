@@ -361,3 +361,21 @@ def test_unsupported_model_names_class_and_supported_list():
         assert name in message
     assert chunkllama.SUPPORTED_MODELS in message
     assert not any("chunkllama" in k for m in model.modules() for k in vars(m))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mixtral"])
+def test_cuda_model_matches_oracle(family, backend, monkeypatch):
+    dca = apply_dca(make_model(family).cuda(), pretraining_length=PRETRAINING_LENGTH, backend=backend)
+    oracle = _oracle_model(family, monkeypatch)
+    ids = random_ids(2, 101, seed=15)
+    err = (_logits(dca, ids.cuda()).cpu() - _logits(oracle, ids)).abs().max().item()
+    assert err <= TOL, f"{family}/{backend}: {err:.3g}"
+    # and generation on the GPU equals recomputation
+    with torch.no_grad():
+        out = dca.generate(ids[:1].cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        seq = ids[:1].cuda()
+        for _ in range(6):
+            seq = torch.cat([seq, dca(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
+    assert torch.equal(out, seq)

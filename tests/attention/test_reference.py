@@ -246,3 +246,49 @@ def test_auto_backend_on_cpu_runs_reference_and_triton_is_refused():
     assert resolve_backend("auto", q, k, v) == "reference"
     with pytest.raises(ValueError, match="triton"):
         resolve_backend("triton", q, k, v)
+
+
+# ----------------------------------------------------------------------------- CUDA (skipped without a GPU)
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@CUDA
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("q_len,kv_len,pads", [(101, 101, [0, 9]), (1, 101, [0, 30]), (21, 61, [3, 0]), (97, 97, [0, 0])])
+def test_cuda_matches_oracle(backend, dtype, kv_heads, q_len, kv_len, pads):
+    """The CUDA paths (PyTorch's fused kernels in the chunked path; Triton where ``auto`` picks it):
+    fp32 within 1e-5 of the oracle; bf16/fp16 within 2x plain PyTorch's error in that dtype."""
+    q, k, v = _inputs(2, 4, kv_heads, q_len, kv_len, dtype=dtype, seed=q_len + kv_heads)
+    q_pos, k_pos = _positions(2, q_len, kv_len, pads)
+    inv_freq = _inv_freq(16)
+    reference = oracle_attention(q, k, v, q_pos, k_pos, inv_freq, CHUNK_LEN, CHUNK_SIZE).double()
+    k_rot = _rotate_keys(k, k_pos, inv_freq, CFG)
+    got = dca_attention(
+        q.cuda(), k_rot.cuda(), v.cuda(), q_pos.cuda(), k_pos.cuda(), RotaryParams(inv_freq.cuda()), CFG, backend=backend,
+    )
+    assert got.dtype == dtype and got.is_cuda
+    err = (got.cpu().double() - reference).abs().max().item()
+    if dtype == torch.float32:
+        assert err <= FP32_TOL, f"{backend}: {err:.3g}"
+    else:
+        plain = oracle_attention(q, k, v, q_pos, k_pos, inv_freq, CHUNK_LEN, CHUNK_SIZE, upcast=False).double()
+        err_plain = (plain - reference).abs().max().item()
+        assert err <= 2 * err_plain, f"{backend} {dtype}: {err:.3g} > 2 x {err_plain:.3g}"
+
+
+@CUDA
+@pytest.mark.parametrize("blocks", [(None, None), (16, 12)])
+def test_cuda_blocked_path_with_gaps(blocks):
+    gen = torch.Generator().manual_seed(1)
+    k_pos = torch.stack([torch.sort(torch.randperm(200, generator=gen)[:64]).values for _ in range(2)])
+    q_pos = k_pos[:, -20:].clone()
+    q, k, v = _inputs(2, 4, 2, 20, 64, seed=2)
+    inv_freq = _inv_freq(16)
+    expected = oracle_attention(q, k, v, q_pos, k_pos, inv_freq, CHUNK_LEN, CHUNK_SIZE)
+    k_rot = _rotate_keys(k, k_pos, inv_freq, CFG)
+    got = reference_dca_attention(
+        q.cuda(), k_rot.cuda(), v.cuda(), q_pos.cuda(), k_pos.cuda(), RotaryParams(inv_freq.cuda()), CFG, 0.25, *blocks
+    )
+    assert (got.cpu() - expected).abs().max().item() <= FP32_TOL
