@@ -73,7 +73,7 @@ def _left_padded(rows: list[torch.Tensor]):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "mixtral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_rows_alone(family):
     model = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
     rows = [random_ids(1, n, seed=n)[0] for n in (88, 61, 79)]  # pads 0, 27, 9: rows cross boundaries at different steps
