@@ -25,7 +25,7 @@ def _forward(model, ids, cache=None, **kwargs):
 def _generate(model, ids, new=NEW, **kwargs):
     with torch.no_grad():
         return model.generate(
-            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False, return_dict_in_generate=True,
+            ids, max_new_tokens=new, do_sample=False, return_dict_in_generate=True,
             output_logits=True, pad_token_id=0, **kwargs,
         )
 
@@ -87,6 +87,18 @@ def test_left_padded_batch_equals_rows_alone(family):
             assert err <= TOL, f"{family} row {i} step {step}: {err:.3g}"
 
 
+@pytest.mark.parametrize("real", [1, 2, 3])
+def test_left_padded_batch_with_very_short_prompts(real):
+    """Rows with one or two real tokens: their pads tie with them at position 1."""
+    model = apply_dca(make_model("qwen2"), pretraining_length=PRETRAINING_LENGTH)
+    rows = [random_ids(1, 50, seed=1)[0], random_ids(1, real, seed=2)[0]]
+    ids, mask = _left_padded(rows)
+    batch = _generate(model, ids, new=30, attention_mask=mask)
+    alone = _generate(model, rows[1][None], new=30)
+    assert torch.equal(batch.sequences[1, 50:], alone.sequences[0, real:])
+    assert max((b[1] - a[0]).abs().max().item() for b, a in zip(batch.logits, alone.logits)) <= TOL
+
+
 def test_sampling_with_fixed_seed_runs_and_repeats():
     model = apply_dca(make_model("qwen2"), pretraining_length=PRETRAINING_LENGTH)
     rows = [random_ids(1, n, seed=n)[0] for n in (70, 55)]
@@ -95,7 +107,7 @@ def test_sampling_with_fixed_seed_runs_and_repeats():
     def sample(seed):
         torch.manual_seed(seed)
         with torch.no_grad():
-            return model.generate(ids, attention_mask=mask, do_sample=True, top_k=20, temperature=1.5, max_new_tokens=25, min_new_tokens=25, pad_token_id=0)
+            return model.generate(ids, attention_mask=mask, do_sample=True, top_k=20, temperature=1.5, max_new_tokens=25, pad_token_id=0)
 
     first, again, other = sample(0), sample(0), sample(1)
     assert first.shape == (2, ids.shape[1] + 25)

@@ -374,7 +374,7 @@ def test_cuda_model_matches_oracle(family, backend, monkeypatch):
     assert err <= TOL, f"{family}/{backend}: {err:.3g}"
     # and generation on the GPU equals recomputation
     with torch.no_grad():
-        out = dca.generate(ids[:1].cuda(), max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+        out = dca.generate(ids[:1].cuda(), max_new_tokens=6, do_sample=False, pad_token_id=0)
         seq = ids[:1].cuda()
         for _ in range(6):
             seq = torch.cat([seq, dca(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=-1)

@@ -82,3 +82,22 @@ def test_row_offsets_broadcast_row_and_bad_length():
     assert P.row_offsets(pos, batch_size=3, q_len=4, kv_len=9).tolist() == [0, 0, 0]
     with pytest.raises(ValueError):
         P.row_offsets(pos, batch_size=1, q_len=3, kv_len=9)
+
+
+@pytest.mark.parametrize("real", [1, 2, 3, 7])
+@pytest.mark.parametrize("pad_value", [1, 0])  # HF's generate gives pads 1; some code uses 0
+def test_row_offsets_rows_with_few_real_tokens(real, pad_value):
+    """Pads share one position, so a row with one or two real tokens ties with them at the maximum."""
+    length = 9
+    row = [pad_value] * (length - real) + list(range(real))
+    pos = torch.tensor([list(range(length)), row])
+    offsets = P.row_offsets(pos, batch_size=2, q_len=length, kv_len=length)
+    assert offsets.tolist() == [0, length - real]
+    # decode step after it: one new token per row
+    step = torch.tensor([[length], [real]])
+    assert P.row_offsets(step, batch_size=2, q_len=1, kv_len=length + 1).tolist() == [0, length - real]
+
+
+def test_row_offsets_right_padding_and_shifted_positions():
+    pos = torch.tensor([[0, 1, 2, 3, 1, 1], [0, 1, 1, 1, 1, 1], [5, 6, 7, 8, 9, 10]])
+    assert P.row_offsets(pos, batch_size=3, q_len=6, kv_len=6).tolist() == [0, 0, -5]

@@ -37,7 +37,7 @@ def _common(**overrides):
         rope_theta=10000.0,
         pad_token_id=0,
         bos_token_id=1,
-        eos_token_id=2,
+        eos_token_id=None,  # no early stop: generate() runs max_new_tokens, argmax of raw logits is the token
         tie_word_embeddings=False,
     )
     kwargs.update(overrides)

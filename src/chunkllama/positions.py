@@ -63,8 +63,11 @@ def row_offsets(position_ids: torch.Tensor, batch_size: int, q_len: int, kv_len:
     """Per-row offset ``index - position`` of the current queries within the key sequence.
 
     Positions are taken to be contiguous within a row (``position = index - offset``), which is
-    what ``generate`` produces for left-padded batches. The offset is read at the query with
-    the largest position id, so left-padding tokens (HF gives them position 1) do not disturb it.
+    what ``generate`` produces for left-padded batches. The offset is read at the last query whose
+    position is one more than its left neighbour's (the end of the run of real tokens), or at the
+    last query when there is no such step (a single query, or a row with one real token). Padding
+    tokens all share one position (HF gives them 1), so they never form a step; the largest
+    position would not do, since a row with one or two real tokens ties with its pads at 1.
 
     Args:
         position_ids: int, shape ``(B, Tq)`` or ``(1, Tq)``: position ids of the current queries.
@@ -79,8 +82,13 @@ def row_offsets(position_ids: torch.Tensor, batch_size: int, q_len: int, kv_len:
     if position_ids.shape[-1] != q_len:
         raise ValueError(f"position_ids has {position_ids.shape[-1]} entries per row, expected {q_len}.")
     position_ids = position_ids.to(torch.int64).expand(batch_size, q_len)
-    last_pos, last_idx = position_ids.max(dim=-1)
-    return (kv_len - q_len + last_idx) - last_pos
+    index = torch.arange(q_len, device=position_ids.device)
+    steps = torch.zeros_like(position_ids, dtype=torch.bool)
+    steps[:, 1:] = position_ids[:, 1:] == position_ids[:, :-1] + 1
+    anchor = torch.where(steps, index, -1).amax(dim=-1)
+    anchor = torch.where(anchor >= 0, anchor, q_len - 1)
+    anchor_pos = position_ids.gather(1, anchor.unsqueeze(1)).squeeze(1)
+    return (kv_len - q_len + anchor) - anchor_pos
 
 
 def positions_from_offsets(offsets: torch.Tensor, start: int, length: int) -> torch.Tensor:
