@@ -12,6 +12,8 @@ def test_parse_methods():
     assert [s.name for s in specs] == ["none", "yarn", "dca", "ntk"]
     assert specs[2].option("chunk_size") == 32 and specs[2].label == "dca(chunk_size=32,local_window=4)"
     assert specs[3].option("factor") == 2.0
+    one_string = parse_methods("none,yarn:factor=2,dca:chunk_size=32,local_window=4,ntk")
+    assert [s.label for s in one_string] == ["none", "yarn(factor=2.0)", "dca(chunk_size=32,local_window=4)", "ntk"]
     with pytest.raises(ValueError, match="Unknown method"):
         parse_method("alibi")
     with pytest.raises(ValueError, match="Bad option"):

@@ -77,13 +77,21 @@ def parse_method(text: str) -> MethodSpec:
 
 
 def parse_methods(items: str | Sequence[str]) -> list[MethodSpec]:
-    """Parse a list of specs; an item without ``:`` may hold several names separated by commas."""
+    """Parse specs: ``["none,yarn", "dca:chunk_size=4096,local_window=512"]`` or all in one string,
+    ``"none,yarn:factor=2,dca:chunk_size=4096,local_window=512"`` (a comma-separated piece holding
+    ``=`` but no ``:`` continues the options of the method before it)."""
     if isinstance(items, str):
         items = [items]
-    specs: list[MethodSpec] = []
+    groups: list[str] = []
     for item in items:
-        parts = [item] if ":" in item else [p for p in item.split(",") if p.strip()]
-        specs.extend(parse_method(p) for p in parts)
+        for piece in (p.strip() for p in item.split(",")):
+            if not piece:
+                continue
+            if "=" in piece and ":" not in piece and groups and ":" in groups[-1]:
+                groups[-1] += "," + piece
+            else:
+                groups.append(piece)
+    specs = [parse_method(g) for g in groups]
     if not specs:
         raise ValueError("No methods given; choose from " + ", ".join(METHOD_NAMES) + ".")
     return specs
