@@ -8,7 +8,7 @@ query rows that share one KV head (GQA: K/V are read once per KV head, never rep
 three rotations of those rows in registers and walks its share of the visible key tiles. Tiles
 wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
 per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
-Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk,)``: merges the splits by log-sum-exp in fp32
+Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk, groups * Tq)``: merges the splits by log-sum-exp in fp32
 and writes ``out`` in the input dtype.
 
 Same position assumption as :mod:`.triton_prefill` (keys ``index - offset`` per row).
@@ -120,35 +120,39 @@ def _dca_decode_merge_kernel(
     OPart, LPart, Out, QPos,
     stride_ob, stride_oh, stride_om, stride_qpb,
     Tq, num_kv_heads, groups,
-    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
+    """One program per (batch, KV head, packed row): all splits of that row, ``BLOCK_S`` at a time."""
     pid_bh = tl.program_id(0)
-    b = pid_bh // num_kv_heads
+    row = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
     hk = pid_bh % num_kv_heads
-    rows = tl.arange(0, BLOCK_M)
+    g = row // Tq
+    tok = row % Tq
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    g = rows // Tq
-    tok = rows % Tq
-    row_in = rows < groups * Tq
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for s in range(SPLITS):
-        part = (pid_bh * SPLITS + s) * BLOCK_M + rows
-        lse = tl.load(LPart + part)
-        o = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :])
-        m_new = tl.maximum(m_i, lse)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
+    base = pid_bh * SPLITS * BLOCK_M + row  # split s of this row: base + s * BLOCK_M
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        lse = tl.load(LPart + base + (s0 + offs_s) * BLOCK_M, mask=s0 + offs_s < SPLITS, other=float("-inf"))
+        m = tl.maximum(m, tl.max(lse, 0))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        in_s = s0 + offs_s < SPLITS
+        lse = tl.load(LPart + base + (s0 + offs_s) * BLOCK_M, mask=in_s, other=float("-inf"))
         w = tl.math.exp2(lse - m_safe)
-        l_i = l_i * alpha + w
-        acc = acc * alpha[:, None] + w[:, None] * o
-        m_i = m_new
-    qpos = tl.load(QPos + b * stride_qpb + tok, mask=row_in, other=-1)
+        o = tl.load(OPart + (base + (s0 + offs_s) * BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=in_s[:, None] & (w > 0)[:, None], other=0.0)
+        l_sum += w
+        acc += tl.sum(w[:, None] * o, 0)
+    l_i = tl.sum(l_sum, 0)
+    qpos = tl.load(QPos + b * stride_qpb + tok)
     keep = (l_i > 0) & (qpos >= 0)
-    out = tl.where(keep[:, None], acc / tl.where(keep, l_i, 1.0)[:, None], 0.0)
-    o_ptrs = Out + b * stride_ob + (hk * groups + g)[:, None] * stride_oh + tok[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None])
+    out = tl.where(keep, acc / tl.where(keep, l_i, 1.0), 0.0)
+    o_ptrs = Out + b * stride_ob + (hk * groups + g) * stride_oh + tok * stride_om + offs_d
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -177,8 +181,8 @@ def dca_decode(
     block_n = 16 if _INTERPRET else 64
     n_tiles = triton.cdiv(kv_len, block_n)
     if splits is None:
-        want = triton.cdiv(2 * _num_sms(query.device), batch * kv_heads)
-        splits = max(1, min(want, triton.cdiv(n_tiles, 4), 128))
+        want = triton.cdiv(4 * _num_sms(query.device), batch * kv_heads)
+        splits = max(1, min(want, triton.cdiv(n_tiles, 2), 256))
     qpos = query_positions.to(torch.int64).contiguous()
     kpos = key_positions.to(torch.int64).contiguous()
     inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
@@ -196,10 +200,10 @@ def dca_decode(
         splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=1 if _INTERPRET else 3,
     )
-    _dca_decode_merge_kernel[(batch * kv_heads,)](
+    _dca_decode_merge_kernel[(batch * kv_heads, (q_heads // kv_heads) * q_len)](
         o_part, l_part, out, qpos,
         out.stride(0), out.stride(1), out.stride(2), qpos.stride(0),
         q_len, kv_heads, q_heads // kv_heads,
-        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, num_warps=warps,
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_S=16 if _INTERPRET else 32, num_warps=warps,
     )
     return out
