@@ -19,6 +19,8 @@ import types
 import typing
 from typing import Any, Callable, Iterator, Sequence
 
+from .eval.commands import eval_longqa, eval_needle, eval_passkey, eval_ppl
+
 
 # --- commands -----------------------------------------------------------------------------------
 
@@ -115,6 +117,10 @@ def _count_layer_calls(layers: Sequence[Any], bar: Any) -> Iterator[None]:
 # Registration: command name -> function. "group name" makes `chunkllama group name`.
 COMMANDS: dict[str, Callable[..., int | None]] = {
     "demo": demo,
+    "eval ppl": eval_ppl,
+    "eval passkey": eval_passkey,
+    "eval needle": eval_needle,
+    "eval longqa": eval_longqa,
 }
 
 

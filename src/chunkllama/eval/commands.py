@@ -1,20 +1,17 @@
-"""``chunkllama eval ppl|passkey|needle|longqa``: one typed function per task, plus its parser.
+"""``chunkllama eval ppl|passkey|needle|longqa``: the Python API and the CLI commands.
 
-Each ``run_*`` function is the Python API of its command: it loads the model (or takes one),
-runs every method at every length, writes ``--output`` (``summary.json``, ``samples.jsonl``,
-``table.md``, plots) and returns the summary rows. :func:`register` adds the ``eval`` command and
-its four subcommands to an ``argparse`` sub-parser collection.
+Each ``run_*`` function is the Python API of a task: it loads the model (or takes a
+``(model, tokenizer)`` pair), runs every method at every length, writes ``output``
+(``summary.json``, ``samples.jsonl``, ``table.md``, plots) and returns the summary rows. The
+``eval_*`` functions are the same with keyword-only, CLI-typed parameters; ``chunkllama.cli``
+registers them as ``eval ppl``, ``eval passkey``, ``eval needle`` and ``eval longqa``.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 from typing import Any, Sequence
-
-from .methods import parse_methods
-from .report import pivot_table, plot_vs_length, write_report
 
 DEFAULT_METHODS = "none,yarn,ntk,dca"
 
@@ -65,7 +62,9 @@ def run_ppl(
     """PG19 perplexity. ``model`` is a name/path for :func:`chunkllama.load_model`, None for the
     default model, or a ``(model, tokenizer)`` pair."""
     from .data import pg19_corpus
+    from .methods import parse_methods
     from .perplexity import evaluate_ppl, tokenize_corpus
+    from .report import pivot_table, plot_vs_length, write_report
 
     lm, tokenizer = _load(model, dtype, device)
     t0 = time.perf_counter()
@@ -96,7 +95,9 @@ def run_passkey(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Passkey retrieval over lengths x ``depths`` depths (``trials`` prompts per depth)."""
+    from .methods import parse_methods
     from .passkey_task import evaluate_passkey
+    from .report import pivot_table, plot_vs_length, write_report
 
     lm, tokenizer = _load(model, dtype, device)
     specs, ls = parse_methods(methods), parse_lengths(lengths)
@@ -126,7 +127,9 @@ def run_needle(
 ) -> list[dict[str, Any]]:
     """Needle in a haystack over lengths x ``depths`` evenly spaced depths; one heatmap per method."""
     from .data import essays_text
+    from .methods import parse_methods
     from .needle import depth_grid, evaluate_needle, plot_heatmap
+    from .report import pivot_table, write_report
 
     lm, tokenizer = _load(model, dtype, device)
     specs, ls = parse_methods(methods), parse_lengths(lengths)
@@ -164,6 +167,8 @@ def run_longqa(
     """L-Eval (or few-shot JSONL) QA; ``limit`` = first N questions of each task."""
     from .data import leval_task, leval_task_files
     from .longqa import evaluate_longqa
+    from .methods import parse_methods
+    from .report import pivot_table, write_report
 
     lm, tokenizer = _load(model, dtype, device)
     specs = parse_methods(methods)
@@ -185,108 +190,176 @@ def run_longqa(
     return rows
 
 
-def _read(path: Path) -> list[dict[str, Any]]:
+def _read(path: Path) -> list[dict[str, Any]]:  # noqa: D103
     from .data import read_jsonl
 
     return read_jsonl(path)
 
 
-# ----------------------------------------------------------------------------- argparse
-def _common(p: argparse.ArgumentParser, methods: str, lengths: str | None) -> None:
-    p.add_argument("--model", default=None, help="hub id, model dir or .gguf file (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--methods", nargs="+", default=[methods],
-                   help="methods: none, pi, ntk, yarn, dca; comma-separated or repeated; options as "
-                        "dca:chunk_size=4096,local_window=512 (default: %(default)s)")
-    if lengths is not None:
-        p.add_argument("--lengths", nargs="+", default=[lengths], help="lengths in tokens, e.g. 4k,8k,16k (k = 1024)")
-    p.add_argument("--output", default=None, help="output folder (summary.json, samples.jsonl, table.md, plots)")
-    p.add_argument("--pretraining-length", type=int, default=None,
-                   help="the model's original window (default: from its config)")
-    p.add_argument("--dtype", default=None, help="bfloat16 | float16 | float32 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+# ----------------------------------------------------------------------------- CLI commands
+# Typed functions registered in chunkllama.cli.COMMANDS as "eval ppl", "eval passkey", ...; their
+# keyword-only parameters become --options and the docstrings' Args: their help.
 
 
-def _chat_flag(p: argparse.ArgumentParser) -> None:
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--chat", dest="chat", action="store_const", const=True, default=None,
-                   help="always use the tokenizer's chat template")
-    g.add_argument("--no-chat", dest="chat", action="store_const", const=False, help="never use the chat template")
+def eval_ppl(
+    *,
+    model: str | None = None,
+    methods: str = DEFAULT_METHODS,
+    lengths: str = "4k,8k",
+    data: str | None = None,
+    output: str = "out/ppl",
+    windows: int = 2,
+    stride: int | None = None,
+    slice_size: int = 2048,
+    pretraining_length: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """PG19 perplexity (ChunkLlama protocol) for several methods and lengths.
 
+    The books (sorted, joined with blank lines) are tokenized once; each length is scored on
+    --windows evenly spaced windows (or every --stride tokens) with the loss over all next-token
+    predictions. Writes summary.json, samples.jsonl, table.md and ppl_vs_length.png to --output.
 
-def _cmd_ppl(a: argparse.Namespace) -> None:
-    run_ppl(a.model, a.methods, a.lengths, a.data, a.output or "out/ppl", a.windows, a.stride, a.slice_size,
-            a.pretraining_length, a.dtype, a.device, not a.no_progress)
-
-
-def _cmd_passkey(a: argparse.Namespace) -> None:
-    run_passkey(a.model, a.methods, a.lengths, a.output or "out/passkey", a.depths, a.trials, a.greedy,
-                a.pretraining_length, a.dtype, a.device, not a.no_progress)
-
-
-def _cmd_needle(a: argparse.Namespace) -> None:
-    run_needle(a.model, a.methods, a.lengths, a.data, a.output or "out/needle", a.depths, a.max_new_tokens, a.chat,
-               a.pretraining_length, a.dtype, a.device, not a.no_progress)
-
-
-def _cmd_longqa(a: argparse.Namespace) -> None:
-    run_longqa(a.model, a.methods, a.tasks, a.data, a.output or "out/longqa", a.max_length, a.limit,
-               a.max_new_tokens, a.chat, a.pretraining_length, a.dtype, a.device, not a.no_progress)
-
-
-def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` with subcommands ``ppl``, ``passkey``, ``needle``, ``longqa``.
-
-    Each subcommand sets ``func`` (a callable taking the parsed namespace) as its default.
+    Args:
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        lengths: comma-separated lengths in tokens; 4k = 4096.
+        data: folder holding pg19/ (or the pg19 folder, or hf://emozilla/pg19-test); default ../shared/data.
+        output: output folder.
+        windows: evenly spaced windows per length (2: the first and the last L tokens).
+        stride: score windows every this many tokens instead (the paper uses 256).
+        slice_size: positions per lm_head + cross-entropy slice (memory vs speed).
+        pretraining_length: the model's original window; default: from its config.
+        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
+        device: cpu or cuda; default: cuda when available.
+        progress: show progress bars.
     """
-    parser = subparsers.add_parser("eval", help="evaluate long-context methods (ppl, passkey, needle, longqa)",
-                                   description="Compare none/pi/ntk/yarn/dca on long-context tasks.")
-    tasks = parser.add_subparsers(dest="eval_task", metavar="{ppl,passkey,needle,longqa}")
-    tasks.required = True
-
-    p = tasks.add_parser("ppl", help="PG19 perplexity (ChunkLlama protocol)")
-    _common(p, DEFAULT_METHODS, "4k,8k")
-    p.add_argument("--data", default=None, help="data root holding pg19/, the pg19 folder, or hf://emozilla/pg19-test")
-    p.add_argument("--windows", type=int, default=2, help="evenly spaced windows per length (default 2)")
-    p.add_argument("--stride", type=int, default=None, help="window stride instead of --windows (paper: 256)")
-    p.add_argument("--slice-size", type=int, default=2048, help="positions per lm_head/cross-entropy slice")
-    p.set_defaults(func=_cmd_ppl)
-
-    p = tasks.add_parser("passkey", help="passkey retrieval, lengths x depths")
-    _common(p, DEFAULT_METHODS, "4k,8k")
-    p.add_argument("--depths", type=int, default=5, help="depths per length: (d+0.5)/depths (default 5)")
-    p.add_argument("--trials", type=int, default=1, help="prompts per depth (default 1 = the standard protocol)")
-    p.add_argument("--greedy", action="store_true", help="score by greedy decoding instead of teacher forcing")
-    p.set_defaults(func=_cmd_passkey)
-
-    p = tasks.add_parser("needle", help="needle in a haystack (Paul Graham essays) + heatmap")
-    _common(p, "dca", "4k,8k")
-    p.add_argument("--data", default=None, help="data root holding paul_graham_essays/, or that folder")
-    p.add_argument("--depths", type=int, default=11, help="depth percents 0..100 (default 11: step 10)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    _chat_flag(p)
-    p.set_defaults(func=_cmd_needle)
-
-    p = tasks.add_parser("longqa", help="L-Eval / few-shot long-document QA")
-    _common(p, "none,dca", None)
-    p.add_argument("--data", default=None,
-                   help="a .jsonl file, a folder of them, a root holding leval/, or hf://L4NLP/LEval")
-    p.add_argument("--tasks", nargs="+", default=None, help="task names (file stems), e.g. coursera tpo")
-    p.add_argument("--max-length", default="16k", help="prompt + answer tokens; longer documents are cut in the middle")
-    p.add_argument("--limit", type=int, default=None, help="first N questions of each task")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="default: exam 32, f1 128, rouge 256")
-    _chat_flag(p)
-    p.set_defaults(func=_cmd_longqa)
-    return parser
+    run_ppl(model, methods, lengths, data, output, windows, stride, slice_size, pretraining_length, dtype, device,
+            progress)
+    return 0
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m chunkllama.eval.commands eval ppl ...`` (the same as ``chunkllama eval ...``)."""
-    parser = argparse.ArgumentParser(prog="chunkllama")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    args.func(args)
+def eval_passkey(
+    *,
+    model: str | None = None,
+    methods: str = DEFAULT_METHODS,
+    lengths: str = "4k,8k",
+    output: str = "out/passkey",
+    depths: int = 5,
+    trials: int = 1,
+    greedy: bool = False,
+    pretraining_length: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Passkey retrieval swept over lengths x depths for several methods.
+
+    Prompts follow the ChunkLlama format (key Random(t), depth (d+0.5)/depths); answers are scored by
+    teacher forcing (or greedy decoding). Writes summary.json, samples.jsonl, table.md and
+    passkey_vs_length.png to --output.
+
+    Args:
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        lengths: comma-separated lengths in tokens; 4k = 4096.
+        output: output folder.
+        depths: depths per length, at (d+0.5)/depths.
+        trials: prompts (different keys) per depth; 1 is the standard protocol.
+        greedy: score by greedy decoding instead of teacher forcing (same verdict, slower).
+        pretraining_length: the model's original window; default: from its config.
+        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
+        device: cpu or cuda; default: cuda when available.
+        progress: show progress bars.
+    """
+    run_passkey(model, methods, lengths, output, depths, trials, greedy, pretraining_length, dtype, device, progress)
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+def eval_needle(
+    *,
+    model: str | None = None,
+    methods: str = "dca",
+    lengths: str = "4k,8k",
+    data: str | None = None,
+    output: str = "out/needle",
+    depths: int = 11,
+    max_new_tokens: int = 32,
+    chat: bool | None = None,
+    pretraining_length: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Needle in a haystack (Paul Graham essays): depth x length grid and a heatmap per method.
+
+    Writes summary.json, samples.jsonl (every answer), table.md and needle_<method>.png to --output.
+
+    Args:
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        lengths: comma-separated prompt lengths in tokens; 4k = 4096.
+        data: folder holding paul_graham_essays/ (or that folder); default ../shared/data.
+        output: output folder.
+        depths: needle depths, evenly spaced from 0% to 100% (11: every 10%).
+        max_new_tokens: tokens generated per answer.
+        chat: use the tokenizer's chat template (default: when it has one).
+        pretraining_length: the model's original window; default: from its config.
+        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
+        device: cpu or cuda; default: cuda when available.
+        progress: show progress bars.
+    """
+    run_needle(model, methods, lengths, data, output, depths, max_new_tokens, chat, pretraining_length, dtype,
+               device, progress)
+    return 0
+
+
+def eval_longqa(
+    *,
+    model: str | None = None,
+    methods: str = "none,dca",
+    tasks: str | None = None,
+    data: str | None = None,
+    output: str = "out/longqa",
+    max_length: str = "16k",
+    limit: int | None = None,
+    max_new_tokens: int | None = None,
+    chat: bool | None = None,
+    pretraining_length: int | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+    progress: bool = True,
+) -> int:
+    """Long-document QA: L-Eval tasks (exam / F1 / ROUGE) or the seed's few-shot JSONL layout.
+
+    Documents longer than --max-length are cut in the middle. Writes summary.json (task, method,
+    score, n), samples.jsonl (every question and answer) and table.md to --output.
+
+    Args:
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        tasks: comma-separated task names (JSONL file stems), e.g. coursera,tpo; default: all found.
+        data: a .jsonl file, a folder of them, a folder holding leval/, or hf://L4NLP/LEval; default ../shared/data.
+        output: output folder.
+        max_length: prompt + answer tokens (4k = 4096); the methods are set up for this length.
+        limit: score only the first N questions of each task.
+        max_new_tokens: tokens generated per answer; default: 32 (exam), 128 (f1), 256 (rouge).
+        chat: use the tokenizer's chat template (default: when it has one).
+        pretraining_length: the model's original window; default: from its config.
+        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
+        device: cpu or cuda; default: cuda when available.
+        progress: show progress bars.
+    """
+    run_longqa(model, methods, tasks, data, output, max_length, limit, max_new_tokens, chat, pretraining_length,
+               dtype, device, progress)
+    return 0
+
+
+if __name__ == "__main__":  # python -m chunkllama.eval.commands ppl ...  ==  chunkllama eval ppl ...
+    import sys
+
+    from ..cli import main
+
+    sys.exit(main(["eval", *sys.argv[1:]]))
