@@ -66,6 +66,22 @@ def test_model_matches_oracle_other_geometries(family, dca_kwargs, monkeypatch):
     assert (_logits(dca, ids) - _logits(oracle, ids)).abs().max() <= TOL
 
 
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("llama", dict(num_key_value_heads=4)),  # MHA
+        ("llama", dict(num_key_value_heads=1)),  # MQA
+        ("qwen3", dict(head_dim=24)),  # head_dim != hidden / heads
+        ("mistral", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=8)),  # GQA 4
+    ],
+)
+def test_model_matches_oracle_head_layouts(family, overrides, monkeypatch):
+    dca = apply_dca(make_model(family, **overrides), pretraining_length=PRETRAINING_LENGTH)
+    oracle = _oracle_model(family, monkeypatch, **overrides)
+    ids = random_ids(2, 83, seed=16)
+    assert (_logits(dca, ids) - _logits(oracle, ids)).abs().max() <= TOL
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mixtral"])
 def test_model_matches_oracle_left_padded_batch(family, monkeypatch):
     """HF-style left padding: attention_mask zeros and position ids counting from the first real token."""

@@ -218,6 +218,25 @@ def test_low_precision_within_twice_plain_pytorch_error(dtype, path, blocks, kv_
     assert err <= 2 * err_plain, f"{dtype} {path}: err {err:.3g} > 2 x plain {err_plain:.3g}"
 
 
+# ----------------------------------------------------------------------------- memory
+def test_blocked_path_never_builds_a_long_score_matrix(monkeypatch):
+    """The blocked path's largest matmul result is one block of scores, whatever the length."""
+    largest = [0]
+    real_matmul = torch.matmul
+
+    def recording_matmul(a, b, *args, **kwargs):
+        out = real_matmul(a, b, *args, **kwargs)
+        largest[0] = max(largest[0], out.shape[-1] * out.shape[-2])
+        return out
+
+    monkeypatch.setattr(torch, "matmul", recording_matmul)
+    q, k, v = _inputs(1, 4, 2, 600, 600, seed=17)
+    q_pos, k_pos = _positions(1, 600, 600)
+    reference_module.blocked_dca_attention(q, k, v, q_pos, k_pos, RotaryParams(_inv_freq(16)), CFG, 0.25)
+    groups, block = 2, CHUNK_LEN  # default blocks align with chunk_len here
+    assert 0 < largest[0] <= groups * block * block, largest[0]
+
+
 # ----------------------------------------------------------------------------- argument checks
 def test_bad_backend_and_shapes_raise():
     q, k, v = _inputs(1, 4, 2, 10, 10)
