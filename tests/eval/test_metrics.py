@@ -79,3 +79,9 @@ def test_score_answer_dispatch():
     assert f1["score"] == pytest.approx(100 * M.f1_score("relu and tanh", "relu, selu, tanh"))
     rouge = M.score_answer("meeting_summ", "rouge", "a b c d", "a c d e")
     assert rouge["score"] == pytest.approx(75.0)
+
+
+def test_exact_match_scrolls():
+    assert M.exact_match("The Answer.", "answer") == 1.0
+    assert M.exact_match("an answer here", "answer") == 0.0
+    assert M.score_answer("quality", "em", "The answer", "answer")["score"] == 100

@@ -54,7 +54,7 @@ SYSTEM_PROMPTS = {
         "question, summarise, or write what is asked, based on the document."
     ),
 }
-DEFAULT_NEW_TOKENS = {"exam": 32, "f1": 128, "rouge": 256}
+DEFAULT_NEW_TOKENS = {"exam": 32, "em": 32, "f1": 128, "rouge": 256}
 
 
 def system_prompt(task: str, evaluation: str) -> str:
@@ -91,7 +91,7 @@ def iter_items(task: str, records: Sequence[dict[str, Any]], limit: int | None =
             )
         else:
             evaluation = record.get("evaluation", "exam")
-            if evaluation not in ("exam", "f1", "rouge"):
+            if evaluation not in ("exam", "f1", "rouge", "em"):
                 continue  # human / LLM-judged records have no automatic metric
             for q, (question, gold) in enumerate(zip(record["instructions"], record["outputs"])):
                 items.append(QAItem(task, doc_index, q, record["input"], question, gold, evaluation))

@@ -10,7 +10,8 @@ Closed-ended (``evaluation == "exam"``):
 - everything else (topic retrieval): 1 when the gold, lower-cased without spaces, occurs in the
   first non-trivial line of the generation.
 Open-ended: token F1 (SQuAD normalisation) and ROUGE-1/2/L F-measures (rouge-score tokenisation,
-no stemming), as percentages in :func:`score_answer`'s output.
+no stemming), as percentages in :func:`score_answer`'s output; ``em`` (SCROLLS exact match after
+normalisation) for few-shot records that ask for it.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def f1_score(prediction: str, gold: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def exact_match(prediction: str, gold: str) -> float:
+    """SCROLLS exact match: equal after SQuAD normalisation (0 or 1)."""
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
 def rouge_tokens(text: str) -> list[str]:
     """rouge-score's default tokenisation: lower case, non-alphanumerics to spaces."""
     return re.sub(r"[^a-z0-9]+", " ", text.lower()).split()
@@ -204,7 +210,8 @@ def score_answer(task: str, evaluation: str, prediction: str, gold: str) -> dict
 
     Args:
         task: task name (file stem), e.g. ``coursera``; decides option / judge handling.
-        evaluation: the document's ``evaluation`` field: ``exam``, ``f1`` or ``rouge``.
+        evaluation: the document's ``evaluation`` field: ``exam``, ``f1`` or ``rouge`` (L-Eval), or
+            ``em`` (SCROLLS exact match, for few-shot records).
     """
     if evaluation == "exam":
         if any(t in task for t in OPTION_TASKS):
@@ -213,6 +220,8 @@ def score_answer(task: str, evaluation: str, prediction: str, gold: str) -> dict
         if "[fact:" in gold.lower() or "sci_fi" in task:
             return {k: 100 * v for k, v in judge_score(prediction, gold).items()}
         return {"score": 100 * contains_score(prediction, gold)}
+    if evaluation == "em":
+        return {"score": 100 * exact_match(prediction, gold), "f1": 100 * f1_score(prediction, gold)}
     f1 = f1_score(prediction, gold)
     r1, r2, rl = rouge_n(prediction, gold, 1), rouge_n(prediction, gold, 2), rouge_l(prediction, gold)
     result = {"f1": 100 * f1, "rouge1": 100 * r1, "rouge2": 100 * r2, "rougeL": 100 * rl}
