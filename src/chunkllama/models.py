@@ -92,6 +92,7 @@ def write_atomically(target: str | os.PathLike[str], write: Any) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache entry is an ordinary directory
         write(tmp)
         (tmp / _COMPLETE_MARKER).write_text("ok\n")
         if target.exists() and not is_complete_cache(target):
@@ -229,9 +230,9 @@ def load_model(
         FileNotFoundError: a local path that does not exist, or the default model's package is
             not installed (the message says how to install it).
     """
+    kind, path = resolve_model_source(name)  # fail fast on bad paths, before importing transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kind, path = resolve_model_source(name)
     target_device = _resolve_device(device)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
