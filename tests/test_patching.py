@@ -134,9 +134,11 @@ def test_padded_forward_without_position_ids(family):
     for row, n in enumerate(lengths):
         alone = _logits(dca, ids[row : row + 1, 83 - n :])
         assert (got[row, 83 - n :] - alone[0]).abs().max() <= TOL, f"row {row}"
-    with torch.no_grad():  # the base model called with positional arguments
+    with torch.no_grad():  # the base model called with positional arguments; inputs_embeds
         hidden = dca.model(ids, mask).last_hidden_state
         assert (dca.lm_head(hidden) - got).abs().max() <= TOL
+        embeds = dca.model.embed_tokens(ids)
+        assert (dca(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits - got).abs().max() <= TOL
 
 
 def test_right_padded_forward_real_tokens_equal_rows_alone():
