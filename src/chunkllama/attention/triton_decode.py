@@ -79,7 +79,7 @@ def _dca_decode_split_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    n_tiles = tl.where(q_hi >= 0, q_hi // BLOCK_N + 1, 0)
+    n_tiles = (tl.maximum(q_hi, -1) + BLOCK_N) // BLOCK_N  # 0 when every row is padding
     per_split = tl.cdiv(n_tiles, SPLITS)
     t_lo = split * per_split
     t_hi = tl.minimum(t_lo + per_split, n_tiles)

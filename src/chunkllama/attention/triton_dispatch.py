@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 import torch
-import triton  # noqa: F401  (ImportError here means "unavailable": see resolve_backend)
+import triton  # ImportError here means "unavailable": see resolve_backend
 
 from ..config import DCAConfig
 from ..rope import RotaryParams
@@ -30,11 +30,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _triton_version() -> tuple[int, int]:
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
+
+
 def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
     """Why the Triton kernels cannot take these ``(B, H, T, D)`` tensors; None when they can."""
     device = query.device
     if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
         return f"tensors are on {device.type} (the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU)"
+    if device.type == "cpu" and _triton_version() < (3, 9):
+        # triton 3.6's interpreter returns reductions as 1-element arrays that range() rejects.
+        return f"the interpreter of triton {triton.__version__} cannot run these kernels (needs >= 3.9)"
     if key.device != device or value.device != device:
         return "query, key and value are on different devices"
     if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:

@@ -168,7 +168,7 @@ def _dca_prefill_kernel(
         c_lo = q_lo // chunk_len
         c_hi = q_hi // chunk_len
         # Phase 1: tiles wholly inside chunks <= c_lo - 2 (inter for every row of the block).
-        inter_end = tl.where(c_lo >= 1, ((c_lo - 1) * chunk_len) // BLOCK_N, 0)
+        inter_end = (tl.maximum(c_lo - 1, 0) * chunk_len) // BLOCK_N
         if inter_end > 0:
             q = _rotated_query_table(q_ptrs, q_sw_ptrs, row_in, pos_inter, Cos, Sin, freq_idx, sign, attn_scaling, qk_scale, DTYPE, HALF)
             acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, 0, inter_end,
