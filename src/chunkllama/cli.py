@@ -39,7 +39,9 @@ def demo(
 
     Loads the model, hides a 5-digit pass key in a haystack of ``length`` tokens, and for each
     method (plain RoPE, then DCA on the same model instance) prefills the prompt once with the KV
-    cache and decodes a few tokens greedily; prints the answers, whether they are right, and the time.
+    cache and decodes a few tokens greedily; prints the answers, whether they are right, and the
+    time. The first chunk_len tokens are prefilled once and their cache shared by both methods:
+    below chunk_len DCA is exactly the model's own attention (keys at p % chunk_len = p).
 
     Args:
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (8192-token
@@ -51,6 +53,8 @@ def demo(
         max_new_tokens: tokens decoded per answer.
         device: cpu or cuda; default: cuda when available.
     """
+    import copy
+
     import torch
     from tqdm.auto import tqdm
 
@@ -63,32 +67,42 @@ def demo(
     print(f"loaded {getattr(lm.config, '_name_or_path', '') or type(lm).__name__} "
           f"({lm.dtype}, {next(lm.parameters()).device}) in {time.perf_counter() - start:.1f}s; "
           f"torch threads: {torch.get_num_threads()}")
+    apply_dca(lm, pretraining_length)
+    dca_config = get_dca_config(lm)
+    remove_dca(lm)
+    assert dca_config is not None
+    print(f"DCA: {dca_config} (chunk_len {dca_config.chunk_len})")
     prompts = [
         pk.make_passkey_prompt(tokenizer, length, trial=t, n_trials=trials, depth=depth) for t in range(trials)
     ]
+    methods = ("plain RoPE", "DCA")
     layers = _decoder_layers(lm)
-    window = pretraining_length or getattr(lm.config, "max_position_embeddings", None)
-    scores: dict[str, int] = {}
-    for method in ("plain RoPE", "DCA"):
-        if method == "DCA":
-            apply_dca(lm, pretraining_length)
-            print(f"DCA: {get_dca_config(lm)}")
-        scores[method] = 0
-        for prompt in prompts:
-            forwards = max_new_tokens  # one prefill + (max_new_tokens - 1) decode steps
-            bar = tqdm(total=forwards * len(layers), desc=f"{method:>10}", unit="layer", leave=False)
-            with _count_layer_calls(layers, bar):
+    scores = dict.fromkeys(methods, 0)
+    for prompt in prompts:
+        n_tokens = len(prompt.input_ids)
+        shared_len = min(dca_config.chunk_len, n_tokens - 1)
+        total = shared_len + len(methods) * (n_tokens - shared_len + max_new_tokens - 1)
+        print(f"prompt: {n_tokens} tokens ({n_tokens / dca_config.pretraining_length:.2f}x the window), "
+              f"key {prompt.passkey} at depth {prompt.depth:.2f}")
+        with tqdm(total=total, desc="shared prefix", unit="tok", leave=False) as bar, _progress(layers, bar):
+            tick = time.perf_counter()
+            _, shared = pk.prefill(lm, prompt.input_ids[:shared_len])
+            print(f"{'shared':>10} | first {shared_len} tokens (identical under both methods) | "
+                  f"{time.perf_counter() - tick:.1f}s")
+            for i, method in enumerate(methods):
+                bar.set_description(method)
+                cache = shared if i == len(methods) - 1 else copy.deepcopy(shared)
+                if method == "DCA":
+                    apply_dca(lm, dca_config)
                 tick = time.perf_counter()
-                new = pk.greedy_generate(lm, prompt.input_ids, max_new_tokens)
+                new = pk.greedy_generate(lm, prompt.input_ids, max_new_tokens, cache=cache)
                 seconds = time.perf_counter() - tick
-            bar.close()
-            correct = tuple(new[: len(prompt.answer_ids)]) == prompt.answer_ids
-            scores[method] += correct
-            answer = tokenizer.decode(new, skip_special_tokens=True)
-            print(f"{method:>10} | {len(prompt.input_ids)} tokens (window {window}), key {prompt.passkey} "
-                  f"at depth {prompt.depth:.2f} | answer {answer!r} | "
-                  f"{'CORRECT' if correct else 'wrong'} | {seconds:.1f}s")
-    remove_dca(lm)
+                remove_dca(lm)
+                correct = tuple(new[: len(prompt.answer_ids)]) == prompt.answer_ids
+                scores[method] += correct
+                answer = tokenizer.decode(new, skip_special_tokens=True)
+                bar.clear()
+                print(f"{method:>10} | answer {answer!r} | {'CORRECT' if correct else 'wrong'} | {seconds:.1f}s")
     summary = ", ".join(f"{m}: {s}/{len(prompts)}" for m, s in scores.items())
     print(f"{summary} | total {time.perf_counter() - start:.1f}s")
     return 0
@@ -101,12 +115,19 @@ def _decoder_layers(model: Any) -> list[Any]:
 
 
 @contextlib.contextmanager
-def _count_layer_calls(layers: Sequence[Any], bar: Any) -> Iterator[None]:
-    """Advance ``bar`` by one each time a decoder layer finishes a forward."""
-    def hook(*_: Any) -> None:  # must return None, or it would replace the layer's output
-        bar.update(1)
+def _progress(layers: Sequence[Any], bar: Any) -> Iterator[None]:
+    """Advance ``bar`` (in tokens) as each decoder layer finishes: a forward over n tokens adds n in all."""
+    count = len(layers)
 
-    handles = [layer.register_forward_hook(hook) for layer in layers]
+    def hook_for(index: int) -> Callable[..., None]:
+        def hook(module: Any, args: Any, output: Any) -> None:  # returning a value would replace the output
+            tokens = (output[0] if isinstance(output, tuple) else output).shape[1]
+            share = tokens // count
+            bar.update(share if index < count - 1 else tokens - share * (count - 1))
+
+        return hook
+
+    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
     try:
         yield
     finally:

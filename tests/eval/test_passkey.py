@@ -176,3 +176,32 @@ def test_greedy_matches_generate_and_teacher_forcing(tiny_model, tiny_tokenizer,
     own = pk.PasskeyPrompt(prompt.input_ids, tuple(new), 0, 0.5, 200, 1, 0, "")
     assert pk.score_teacher_forcing(tiny_model, own).correct
     assert pk.score_greedy(tiny_model, own).correct
+
+
+def test_dca_continues_from_a_plain_prefix_cache(tiny_model, tiny_tokenizer):
+    """Positions below chunk_len are identical with and without DCA (keys rotated at p % chunk_len = p),
+    so a cache of the first chunk_len tokens filled without DCA serves DCA too (what the demo shares)."""
+    import copy
+
+    from chunkllama import get_dca_config, remove_dca
+
+    prompt = pk.make_passkey_prompt(tiny_tokenizer, 300)
+    apply_dca(tiny_model, 64)
+    chunk_len = get_dca_config(tiny_model).chunk_len
+    base, head = pk._split_model(tiny_model)
+    with torch.no_grad():
+        scratch = head(base(input_ids=torch.tensor([prompt.input_ids])).last_hidden_state[0, -1])
+    from_scratch = pk.greedy_generate(tiny_model, prompt.input_ids, 4)
+    remove_dca(tiny_model)
+    _, shared = pk.prefill(tiny_model, prompt.input_ids[:chunk_len])
+    assert shared.get_seq_length() == chunk_len
+    plain_cache = copy.deepcopy(shared)
+    apply_dca(tiny_model, 64)
+    hidden, cache = pk.prefill(tiny_model, prompt.input_ids, cache=shared)
+    with torch.no_grad():
+        torch.testing.assert_close(head(hidden[0]), scratch, rtol=1e-4, atol=1e-4)
+    remove_dca(tiny_model)
+    apply_dca(tiny_model, 64)
+    assert pk.greedy_generate(tiny_model, prompt.input_ids, 4, cache=copy.deepcopy(plain_cache)) == from_scratch
+    with pytest.raises(ValueError, match="more than"):
+        pk.prefill(tiny_model, prompt.input_ids[:10], cache=plain_cache)

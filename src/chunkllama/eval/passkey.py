@@ -211,6 +211,39 @@ def score_teacher_forcing(model: Any, prompt: PasskeyPrompt) -> PasskeyResult:
 
 
 @torch.inference_mode()
+def prefill(
+    model: Any,
+    input_ids: Sequence[int] | torch.Tensor,
+    *,
+    cache: Any = None,
+    chunk: int | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> tuple[torch.Tensor | None, Any]:
+    """Run the tokens of ``input_ids`` that ``cache`` does not hold yet; returns ``(hidden, cache)``.
+
+    ``cache`` (a HF cache, default: a new empty one) must hold exactly the first
+    ``cache.get_seq_length()`` tokens of ``input_ids``; it is extended in place. The remaining
+    tokens go ``chunk`` at a time (all at once when None). ``hidden`` is the final hidden state of
+    the last token, shape ``(1, hidden)`` (None when nothing was left to run). ``on_step(n)`` is
+    called after each forward with the number of tokens it consumed.
+    """
+    base, _ = _split_model(model)
+    ids = torch.as_tensor(input_ids, dtype=torch.long, device=_device(model)).reshape(1, -1)
+    cache = _new_cache(model) if cache is None else cache
+    done = int(cache.get_seq_length())
+    if done > ids.shape[1]:
+        raise ValueError(f"the cache holds {done} tokens, more than the {ids.shape[1]} given.")
+    step = max(1, chunk) if chunk is not None else max(1, ids.shape[1] - done)
+    hidden = None
+    for start in range(done, ids.shape[1], step):
+        piece = ids[:, start : start + step]
+        hidden = base(input_ids=piece, use_cache=True, **{_cache_kwarg(base): cache}).last_hidden_state[:, -1]
+        if on_step is not None:
+            on_step(piece.shape[1])
+    return hidden, cache
+
+
+@torch.inference_mode()
 def greedy_generate(
     model: Any,
     input_ids: Sequence[int] | torch.Tensor,
@@ -218,26 +251,21 @@ def greedy_generate(
     *,
     prefill_chunk: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    cache: Any = None,
 ) -> list[int]:
     """Greedy decoding of one sequence with the KV cache; returns the new tokens.
 
     The prompt is prefilled ``prefill_chunk`` tokens at a time (all at once when None), then one
     token per step. Logits are computed for the last position of each step only. ``on_step(n)`` is
     called after each forward with the number of prompt tokens (prefill) or 1 (decode) it consumed.
+    ``cache``, when given, already holds a prefix of the prompt (see :func:`prefill`); it must leave
+    at least the prompt's last token to run, and it is extended in place.
     """
     base, head = _split_model(model)
-    device = _device(model)
-    ids = torch.as_tensor(input_ids, dtype=torch.long, device=device).reshape(1, -1)
-    cache = _new_cache(model)
+    hidden, cache = prefill(model, input_ids, cache=cache, chunk=prefill_chunk, on_step=on_step)
+    if hidden is None:
+        raise ValueError("nothing to prefill: the prompt is empty or the cache already holds all of it.")
     cache_arg = {_cache_kwarg(base): cache}
-    step = ids.shape[1] if prefill_chunk is None else max(1, prefill_chunk)
-    hidden = None
-    for start in range(0, ids.shape[1], step):
-        piece = ids[:, start : start + step]
-        hidden = base(input_ids=piece, use_cache=True, **cache_arg).last_hidden_state[:, -1]
-        if on_step is not None:
-            on_step(piece.shape[1])
-    assert hidden is not None, "empty prompt"
     new_tokens: list[int] = []
     for _ in range(max_new_tokens):
         token = head(hidden).float().argmax(-1)
