@@ -39,8 +39,9 @@ from chunkllama.config import DCAConfig
 from chunkllama.positions import INTER, INTRA, SUCCESSIVE, query_rope_positions  # noqa: F401
 from chunkllama.rope import RotaryParams, apply_rope
 
-HQ, HK, D = 32, 8, 128
+HQ, HK, D = 32, 8, 128  # HK and LAYOUT can be changed from the command line (--kv-heads, --layout)
 PRETRAINING = 8192
+LAYOUT = "bhtd"
 TUNE_CONFIGS = ["128,64,8,3", "128,128,8,3", "128,64,4,3", "128,128,8,2", "64,64,4,3"]
 
 
@@ -106,11 +107,18 @@ def sdpa_flash(q, k, v, causal, scale):
 
 def inputs(q_len: int, kv_len: int, rope: RotaryParams, config: DCAConfig, seed: int = 0):
     torch.manual_seed(seed)
-    q = torch.randn(1, HQ, q_len, D, device="cuda", dtype=torch.bfloat16)
-    k = torch.randn(1, HK, kv_len, D, device="cuda", dtype=torch.bfloat16)
-    v = torch.randn(1, HK, kv_len, D, device="cuda", dtype=torch.bfloat16)
+    if LAYOUT == "bthd":  # what a HF model's projections give: (B, T, H, D) viewed as (B, H, T, D)
+        q = torch.randn(1, q_len, HQ, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        k = torch.randn(1, kv_len, HK, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        v = torch.randn(1, kv_len, HK, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    else:
+        q = torch.randn(1, HQ, q_len, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, HK, kv_len, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, HK, kv_len, D, device="cuda", dtype=torch.bfloat16)
     kpos = torch.arange(kv_len, device="cuda").unsqueeze(0)
     k = apply_rope(k, rope, kpos % config.chunk_len)
+    if LAYOUT == "bthd":
+        k = k.transpose(1, 2).contiguous().transpose(1, 2)
     return q, k, v, kpos[:, kv_len - q_len:], kpos
 
 
@@ -132,7 +140,7 @@ def run_prefill(T: int, rope, config, scale, rows: list, info: dict) -> None:
         "three_call_over_sdpa": round(three_ms / sdpa_ms, 3),
         "dca_tflops": round(flops / dca_ms / 1e9, 1), "sdpa_tflops": round(flops / sdpa_ms / 1e9, 1),
         "max_abs_diff_vs_three_call": diff, "batch": 1, "q_heads": HQ, "kv_heads": HK, "head_dim": D,
-        "dtype": "bfloat16", "dca_config": config.to_dict(),
+        "dtype": "bfloat16", "layout": LAYOUT, "dca_config": config.to_dict(),
         "prefill_config": os.environ.get("CHUNKLLAMA_PREFILL_CONFIG", "default"), **info,
     }
     rows.append(row)
@@ -147,13 +155,13 @@ def run_decode(T: int, rope, config, scale, rows: list, info: dict) -> None:
     dca = lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton")  # noqa: E731
     sdpa = lambda: sdpa_flash(q, k, v, False, scale)  # noqa: E731
     # Decode through flash with the query heads of a group as rows (K/V read once per KV head).
-    q_packed = lambda: q.view(1, HK, HQ // HK, D)  # noqa: E731
+    q_packed = lambda: q.reshape(1, HK, HQ // HK, D)  # noqa: E731
     sdpa_packed = lambda: sdpa_flash(q_packed(), k, v, False, scale)  # noqa: E731
 
     def three():
         cl, cs = config.chunk_len, int(config.chunk_size)
         p = qpos
-        qs = [apply_rope(q, rope, x).view(1, HK, HQ // HK, D) for x in query_rope_positions(p, cl, cs)]
+        qs = [apply_rope(q, rope, x).reshape(1, HK, HQ // HK, D) for x in query_rope_positions(p, cl, cs)]
         c = (T - 1) // cl
         ks = c * cl
         parts = [flash(qs[0], k[:, :, ks:], v[:, :, ks:], False, scale)]
@@ -209,7 +217,7 @@ def write_md(rows: list, info: dict, path: Path) -> None:
         f"# DCA attention: fused Triton vs SDPA flash vs three-call composition",
         "",
         f"{info['device']}, torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}. Batch 1, "
-        f"{HQ} q heads / {HK} kv heads, head_dim {D}, bf16, pretraining length {PRETRAINING} "
+        f"{HQ} q heads / {HK} kv heads, head_dim {D}, bf16, layout {LAYOUT}, pretraining length {PRETRAINING} "
         "(chunk_size 6144, local 1024, chunk_len 5120). Median of CUDA-event timings (triton do_bench).",
         "",
         "## Prefill (causal, whole prompt)",
@@ -244,14 +252,19 @@ def write_md(rows: list, info: dict, path: Path) -> None:
 
 
 def main() -> None:
+    global HK, LAYOUT
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--tune", action="store_true", help="time a few tile configs at 16k first; keep the best")
+    parser.add_argument("--kv-heads", type=int, default=8, help="8 (GQA 4, default) or 32 (MHA, Llama-2)")
+    parser.add_argument("--layout", choices=["bhtd", "bthd"], default="bhtd",
+                        help="memory layout of q/k/v: contiguous (B,H,T,D) or HF projection views (B,T,H,D)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs CUDA.")
+    HK, LAYOUT = args.kv_heads, args.layout
     info = device_info()
     config = DCAConfig(PRETRAINING)
     rope = make_rope()

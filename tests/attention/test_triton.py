@@ -114,7 +114,47 @@ def _worker() -> None:
     results = {}
     for case in CPU_CASES:
         results[case[0]] = run_case(case, torch.float16, "cpu")
+    results["model_generate"] = run_model_case()
     print("RESULTS " + json.dumps(results))
+
+
+def run_model_case() -> dict:
+    """A tiny fp16 Llama (head_dim 64), left-padded batch: greedy generation through apply_dca with the
+    Triton kernels (prefill, then decode against the cache) vs the reference backend."""
+    import transformers
+
+    import chunkllama
+
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=64, max_position_embeddings=256, rope_theta=10000.0,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(10.0)  # sharper attention, so a wrong position changes the tokens
+    ids = torch.randint(3, 96, (2, 45), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    ids[1, :6], mask[1, :6] = 0, 0  # left padding
+    runs = {}
+    for backend in ("reference", "triton"):
+        chunkllama.apply_dca(model, 32, backend=backend)
+        out = model.generate(
+            ids, attention_mask=mask, max_new_tokens=6, do_sample=False, output_logits=True,
+            return_dict_in_generate=True, eos_token_id=None,
+        )
+        runs[backend] = (out.sequences, torch.stack(out.logits).float())
+    chunkllama.remove_dca(model)
+    (seq_ref, logits_ref), (seq_tri, logits_tri) = runs["reference"], runs["triton"]
+    return {
+        "same_tokens": bool(torch.equal(seq_ref, seq_tri)),
+        "logits_max_diff": (logits_ref - logits_tri).abs().max().item(),
+        "logits_scale": logits_ref.abs().max().item(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +184,12 @@ def _check(result, dtype):
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])
 def test_interpreter_matches_reference(case, interpreter_results):
     _check(interpreter_results[case[0]], torch.float16)
+
+
+def test_interpreter_patched_model_generates_like_reference(interpreter_results):
+    result = interpreter_results["model_generate"]
+    assert result["same_tokens"], result
+    assert result["logits_max_diff"] <= 2e-2 * max(1.0, result["logits_scale"]), result
 
 
 def test_unsupported_reasons():
