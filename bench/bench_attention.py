@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from chunkllama.attention import dca_attention
 from chunkllama.config import DCAConfig
-from chunkllama.positions import INTER, INTRA, SUCCESSIVE, query_rope_positions  # noqa: F401
+from chunkllama.positions import query_rope_positions
 from chunkllama.rope import RotaryParams, apply_rope
 
 HQ, HK, D = 32, 8, 128  # HK and LAYOUT can be changed from the command line (--kv-heads, --layout)
@@ -218,7 +218,7 @@ def write_md(rows: list, info: dict, path: Path) -> None:
         "",
         f"{info['device']}, torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}. Batch 1, "
         f"{HQ} q heads / {HK} kv heads, head_dim {D}, bf16, layout {LAYOUT}, pretraining length {PRETRAINING} "
-        "(chunk_size 6144, local 1024, chunk_len 5120). Median of CUDA-event timings (triton do_bench).",
+        f"({DCAConfig(PRETRAINING).to_dict()}). Median of CUDA-event timings (triton do_bench).",
         "",
         "## Prefill (causal, whole prompt)",
         "",
@@ -252,7 +252,7 @@ def write_md(rows: list, info: dict, path: Path) -> None:
 
 
 def main() -> None:
-    global HK, LAYOUT
+    global HK, LAYOUT, PRETRAINING
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
@@ -260,11 +260,12 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=8, help="8 (GQA 4, default) or 32 (MHA, Llama-2)")
     parser.add_argument("--layout", choices=["bhtd", "bthd"], default="bhtd",
                         help="memory layout of q/k/v: contiguous (B,H,T,D) or HF projection views (B,T,H,D)")
+    parser.add_argument("--pretraining-length", type=int, default=8192, help="4096 for Llama-2 shapes")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs CUDA.")
-    HK, LAYOUT = args.kv_heads, args.layout
+    HK, LAYOUT, PRETRAINING = args.kv_heads, args.layout, args.pretraining_length
     info = device_info()
     config = DCAConfig(PRETRAINING)
     rope = make_rope()
