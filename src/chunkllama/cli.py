@@ -50,7 +50,7 @@ def demo(
         depth: where the key sits in the haystack, 0..1; default (t+0.5)/trials for trial t (0.5 for one trial).
         pretraining_length: the model's pretraining window for DCA; default: its max_position_embeddings.
         trials: number of prompts (different keys; spread over depths unless --depth is given).
-        max_new_tokens: tokens decoded per answer.
+        max_new_tokens: tokens decoded per answer (at least the answer's own length).
         device: cpu or cuda; default: cuda when available.
     """
     import copy
@@ -81,28 +81,28 @@ def demo(
     for prompt in prompts:
         n_tokens = len(prompt.input_ids)
         shared_len = min(dca_config.chunk_len, n_tokens - 1)
-        total = shared_len + len(methods) * (n_tokens - shared_len + max_new_tokens - 1)
+        n_new = max(max_new_tokens, len(prompt.answer_ids))
+        total = shared_len + len(methods) * (n_tokens - shared_len + n_new - 1)
         print(f"prompt: {n_tokens} tokens ({n_tokens / dca_config.pretraining_length:.2f}x the window), "
               f"key {prompt.passkey} at depth {prompt.depth:.2f}")
         with tqdm(total=total, desc="shared prefix", unit="tok", leave=False) as bar, _progress(layers, bar):
             tick = time.perf_counter()
             _, shared = pk.prefill(lm, prompt.input_ids[:shared_len])
-            print(f"{'shared':>10} | first {shared_len} tokens (identical under both methods) | "
-                  f"{time.perf_counter() - tick:.1f}s")
+            tqdm.write(f"{'shared':>10} | first {shared_len} tokens (identical under both methods) | "
+                       f"{time.perf_counter() - tick:.1f}s")
             for i, method in enumerate(methods):
                 bar.set_description(method)
                 cache = shared if i == len(methods) - 1 else copy.deepcopy(shared)
                 if method == "DCA":
                     apply_dca(lm, dca_config)
                 tick = time.perf_counter()
-                new = pk.greedy_generate(lm, prompt.input_ids, max_new_tokens, cache=cache)
+                new = pk.greedy_generate(lm, prompt.input_ids, n_new, cache=cache)
                 seconds = time.perf_counter() - tick
                 remove_dca(lm)
                 correct = tuple(new[: len(prompt.answer_ids)]) == prompt.answer_ids
                 scores[method] += correct
                 answer = tokenizer.decode(new, skip_special_tokens=True)
-                bar.clear()
-                print(f"{method:>10} | answer {answer!r} | {'CORRECT' if correct else 'wrong'} | {seconds:.1f}s")
+                tqdm.write(f"{method:>10} | answer {answer!r} | {'CORRECT' if correct else 'wrong'} | {seconds:.1f}s")
     summary = ", ".join(f"{m}: {s}/{len(prompts)}" for m, s in scores.items())
     print(f"{summary} | total {time.perf_counter() - start:.1f}s")
     return 0
