@@ -20,7 +20,6 @@ import collections
 import math
 import re
 import string
-from typing import Any
 
 OPTION_TASKS = ("coursera", "quality", "tpo")
 _MULTI_OPTION_TASKS = ("coursera",)
