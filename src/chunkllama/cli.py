@@ -96,9 +96,11 @@ def demo(
                 if method == "DCA":
                     apply_dca(lm, dca_config)
                 tick = time.perf_counter()
-                new = pk.greedy_generate(lm, prompt.input_ids, n_new, cache=cache)
+                try:
+                    new = pk.greedy_generate(lm, prompt.input_ids, n_new, cache=cache)
+                finally:
+                    remove_dca(lm)  # the caller's model leaves the demo as it came in
                 seconds = time.perf_counter() - tick
-                remove_dca(lm)
                 correct = tuple(new[: len(prompt.answer_ids)]) == prompt.answer_ids
                 scores[method] += correct
                 answer = tokenizer.decode(new, skip_special_tokens=True)
