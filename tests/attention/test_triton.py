@@ -46,6 +46,8 @@ CPU_CASES = [
     ("decode_gqa1_d128", "decode", 2, 2, 2, 1, 100, 128, 32, (0, 3)),
     ("decode_3tokens", "decode", 1, 4, 1, 3, 100, 64, 32, (0,)),
     ("decode_boundary", "decode", 1, 4, 1, 1, 81, 64, 128, (0,)),
+    # 20 splits over 25 key tiles: the last 7 splits see no key, and the merge takes two blocks of 16
+    ("decode_20_splits", "decode20", 2, 4, 1, 2, 400, 64, 128, (0, 9)),
     ("dispatch_auto", "auto", 2, 4, 2, 33, 64, 64, 32, (0, 7)),
     ("dispatch_auto_decode", "auto", 2, 4, 2, 1, 64, 64, 32, (0, 7)),
 ]
@@ -90,6 +92,8 @@ def run_case(case, dtype, device):
         out = dca_prefill(*args)
     elif kind == "decode":
         out = dca_decode(*args)
+    elif kind == "decode20":
+        out = dca_decode(*args, splits=20)
     else:
         assert resolve_backend("auto", q, k, v) == "triton"
         out = dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="auto")

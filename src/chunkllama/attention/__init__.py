@@ -96,9 +96,7 @@ def dca_attention(
     if resolve_backend(backend, query, key, value) == "triton":
         from . import triton_dispatch
 
-        return triton_dispatch.triton_dca_attention(
-            query, key, value, query_positions, key_positions, rope, config, scale
-        )
+        return triton_dispatch.launch(query, key, value, query_positions, key_positions, rope, config, scale)
     return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
 
 

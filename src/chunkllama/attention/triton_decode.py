@@ -3,20 +3,25 @@
 Shapes follow HF: ``query (B, Hq, Tq, D)`` (unrotated, ``Tq`` small), ``key``/``value`` ``(B, Hk, Tk, D)``
 with keys rotated at ``p % chunk_len``.
 
-Pass 1 (``_dca_decode_split_kernel``), grid ``(B * Hk, splits)``: one program packs the ``groups * Tq``
-query rows that share one KV head (GQA: K/V are read once per KV head, never repeated), keeps the
-three rotations of those rows in registers and walks its share of the visible key tiles. Tiles
-wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
-per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
-Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk, groups * Tq)``: merges the splits by log-sum-exp in fp32
-and writes ``out`` in the input dtype.
+One launch, grid ``(B * Hk, splits)``: one program packs the ``groups * Tq`` query rows that share
+one KV head (GQA: K/V are read once per KV head, never repeated), keeps the three rotations of those
+rows in registers and walks its share of the visible key tiles. Tiles wholly in chunks ``<= c-2``
+take one dot (inter rotation); tiles near the query's chunk take one dot per rotation and pick per
+element. It writes its normalised partial output and log2-sum-exp in fp32, then takes a ticket from
+a per-(batch, KV head) counter; the program that draws the last ticket merges all splits of that
+head by log-sum-exp (fp32) and writes ``out`` in the input dtype. One launch instead of a separate
+merge kernel halves the host cost of a decode step (the Python launch path costs about as much as
+the kernel at 16k tokens); the counter is the usual split-K "last block reduces" semaphore
+(barrier, then one release/acquire atomic per program; partials are read past L1).
 
 Same position assumption as :mod:`.triton_prefill` (keys ``index - offset`` per row).
-Extra memory: ``B * Hk * splits * rows * (D + 1)`` fp32 (rows = ``groups * Tq`` padded to >= 16).
+Extra memory: ``B * Hk * splits * rows * (D + 1)`` fp32 (rows = ``groups * Tq`` padded to >= 16) and
+``B * Hk`` int32 counters.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -30,13 +35,13 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _dca_decode_split_kernel(
-    Q, K, V, OPart, LPart, QPos, KPos, InvFreq,
+    Q, K, V, Out, OPart, LPart, Counter, QPos, KPos, InvFreq,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_qpb, stride_kpb,
+    stride_ob, stride_oh, stride_om,
     Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -52,10 +57,10 @@ def _dca_decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
 
-    qpos = tl.load(QPos + b * stride_qpb + tok, mask=row_in, other=-1).to(tl.int32)
+    qpos = tl.load(QPos + b * Tq + tok, mask=row_in, other=-1).to(tl.int32)
     q_hi = tl.max(qpos, 0)
     q_lo = tl.min(tl.where(qpos >= 0, qpos, q_hi), 0)
-    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1).to(tl.int32)
+    koff = (Tk - 1) - tl.load(KPos + b * Tk + Tk - 1).to(tl.int32)
 
     sw_d = (offs_d + HALF) % HEAD_DIM
     sign = tl.where(offs_d < HALF, -1.0, 1.0)
@@ -114,56 +119,67 @@ def _dca_decode_split_kernel(
     tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], out)
     tl.store(LPart + part, lse)
 
+    # Last program of this (batch, KV head) to finish merges: every thread's partials are stored
+    # (barrier) before one thread's release; its acquire makes the other programs' partials visible.
+    tl.debug_barrier()
+    ticket = tl.atomic_add(Counter + pid_bh, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLITS - 1:
+        _merge_splits(OPart, LPart, Out, QPos, pid_bh, b, hk, stride_ob, stride_oh, stride_om, Tq, groups,
+                      SPLITS, HEAD_DIM, BLOCK_M, BLOCK_S)
+        tl.atomic_xchg(Counter + pid_bh, 0)  # ready for reuse
+
 
 @triton.jit
-def _dca_decode_merge_kernel(
-    OPart, LPart, Out, QPos,
-    stride_ob, stride_oh, stride_om, stride_qpb,
-    Tq, num_kv_heads, groups,
-    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
-):
-    """One program per (batch, KV head, packed row): all splits of that row, ``BLOCK_S`` at a time."""
-    pid_bh = tl.program_id(0)
-    row = tl.program_id(1)
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    hk = pid_bh % num_kv_heads
-    g = row // Tq
-    tok = row % Tq
+def _merge_splits(OPart, LPart, Out, QPos, pid_bh, b, hk, stride_ob, stride_oh, stride_om, Tq, groups,
+                  SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge the ``SPLITS`` partials of each real packed row of one (batch, KV head), ``BLOCK_S`` at a time."""
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    base = pid_bh * SPLITS * BLOCK_M + row  # split s of this row: base + s * BLOCK_M
-    m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        lse = tl.load(LPart + base + (s0 + offs_s) * BLOCK_M, mask=s0 + offs_s < SPLITS, other=float("-inf"))
-        m = tl.maximum(m, tl.max(lse, 0))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    l_sum = tl.zeros([BLOCK_S], dtype=tl.float32)
-    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-    for s0 in range(0, SPLITS, BLOCK_S):
-        in_s = s0 + offs_s < SPLITS
-        lse = tl.load(LPart + base + (s0 + offs_s) * BLOCK_M, mask=in_s, other=float("-inf"))
-        w = tl.math.exp2(lse - m_safe)
-        o = tl.load(OPart + (base + (s0 + offs_s) * BLOCK_M)[:, None] * HEAD_DIM + offs_d[None, :],
-                    mask=in_s[:, None] & (w > 0)[:, None], other=0.0)
-        l_sum += w
-        acc += tl.sum(w[:, None] * o, 0)
-    l_i = tl.sum(l_sum, 0)
-    qpos = tl.load(QPos + b * stride_qpb + tok)
-    keep = (l_i > 0) & (qpos >= 0)
-    out = tl.where(keep, acc / tl.where(keep, l_i, 1.0), 0.0)
-    o_ptrs = Out + b * stride_ob + (hk * groups + g) * stride_oh + tok * stride_om + offs_d
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty))
+    for row in range(0, groups * Tq):
+        g = row // Tq
+        tok = row % Tq
+        m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
+        l_i = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
+        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+        for s0 in range(0, SPLITS, BLOCK_S):
+            in_s = s0 + offs_s < SPLITS
+            part = (pid_bh * SPLITS + s0 + offs_s) * BLOCK_M + row
+            lse = tl.load(LPart + part, mask=in_s, other=float("-inf"), cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 0))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            w = tl.math.exp2(lse - m_safe)
+            alpha = tl.math.exp2(m - m_safe)
+            o = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], mask=(in_s & (w > 0))[:, None],
+                        other=0.0, cache_modifier=".cg")
+            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+            l_i = l_i * alpha + tl.sum(w, 0)
+            m = m_new
+        qpos = tl.load(QPos + b * Tq + tok)
+        keep = (l_i > 0) & (qpos >= 0)
+        out = tl.where(keep, acc / tl.where(keep, l_i, 1.0), 0.0)
+        tl.store(Out + b * stride_ob + (hk * groups + g) * stride_oh + tok * stride_om + offs_d,
+                 out.to(Out.dtype.element_ty))
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _decode_config() -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_warps, num_stages, programs per SM) of the split pass."""
+    if _INTERPRET:
+        return 16, 1, 1, 1
+    env = os.environ.get("CHUNKLLAMA_DECODE_CONFIG")  # "BN,warps,stages,programs_per_sm" for tuning runs
+    if env:
+        block_n, warps, stages, per_sm = (int(x) for x in env.split(","))
+        return block_n, warps, stages, per_sm
+    return 128, 8, 2, 2  # best of bench_attention.py --tune-decode on an H100 (graph replays, 16k and 128k)
 
 
 def decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
     """Packed query rows per KV head (``groups * Tq``) rounded up to a power of two, at least 16."""
-    return max(16, triton.next_power_of_2((q_heads // kv_heads) * q_len))
+    return max(16, 1 << ((q_heads // kv_heads) * q_len - 1).bit_length())
 
 
 def dca_decode(
@@ -172,38 +188,35 @@ def dca_decode(
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """Launch split-K decode + merge. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``."""
+    """Launch the split-K decode kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``.
+
+    ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
+    fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it).
+    """
+    if not query_positions.is_contiguous():
+        query_positions = query_positions.contiguous()
+    if not key_positions.is_contiguous():
+        key_positions = key_positions.contiguous()
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    assert head_dim in (64, 128) and value.shape[-1] == head_dim, "head_dim must be 64 or 128"
-    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
     block_m = decode_rows(q_heads, kv_heads, q_len)
-    block_n = 16 if _INTERPRET else 64
-    n_tiles = triton.cdiv(kv_len, block_n)
+    block_n, warps, stages, per_sm = _decode_config()
+    device = query.device
     if splits is None:
-        want = triton.cdiv(4 * _num_sms(query.device), batch * kv_heads)
-        splits = max(1, min(want, triton.cdiv(n_tiles, 2), 256))
-    qpos = query_positions.to(torch.int64).contiguous()
-    kpos = key_positions.to(torch.int64).contiguous()
-    inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
-    o_part = torch.empty(batch * kv_heads * splits * block_m, head_dim, dtype=torch.float32, device=query.device)
-    l_part = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=query.device)
-    out = torch.empty(batch, q_heads, q_len, head_dim, dtype=query.dtype, device=query.device)
-    warps = 1 if _INTERPRET else 4
+        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
+            if device.type == "cuda" else 4
+        want = -(-per_sm * sms // (batch * kv_heads))
+        splits = max(1, min(want, -(-kv_len // (2 * block_n)), 256))
+    o_part = torch.empty(batch * kv_heads * splits * block_m, head_dim, dtype=torch.float32, device=device)
+    l_part = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=device)
+    counter = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
+    out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=device).transpose(1, 2)
+    sq, sk, sv, so = query.stride(), key.stride(), value.stride(), out.stride()
     _dca_decode_split_kernel[(batch * kv_heads, splits)](
-        query, key, value, o_part, l_part, qpos, kpos, inv_freq,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        qpos.stride(0), kpos.stride(0),
+        query, key, value, out, o_part, l_part, counter, query_positions, key_positions, inv_freq,
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
         q_len, kv_len, kv_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=1 if _INTERPRET else 3,
-    )
-    _dca_decode_merge_kernel[(batch * kv_heads, (q_heads // kv_heads) * q_len)](
-        o_part, l_part, out, qpos,
-        out.stride(0), out.stride(1), out.stride(2), qpos.stride(0),
-        q_len, kv_heads, q_heads // kv_heads,
-        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_S=16 if _INTERPRET else 32, num_warps=warps,
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=16 if _INTERPRET else 64,
+        num_warps=warps, num_stages=stages,
     )
     return out

@@ -64,6 +64,13 @@ def _check_positions(query_positions: torch.Tensor, key_positions: torch.Tensor)
         raise ValueError("Triton DCA kernels need key positions index - offset per row (contiguous).")
 
 
+def _int64_on(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``positions`` as contiguous int64 on ``device`` (the same tensor when it already is)."""
+    if positions.dtype != torch.int64 or positions.device != device:
+        positions = positions.to(device=device, dtype=torch.int64)
+    return positions if positions.is_contiguous() else positions.contiguous()
+
+
 def triton_dca_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -78,21 +85,42 @@ def triton_dca_attention(
     reason = unsupported_reason(query, key, value)
     if reason is not None:
         raise ValueError(f"Triton DCA cannot run these inputs: {reason}")
+    return launch(query, key, value, query_positions, key_positions, rope, config, scale)
+
+
+def launch(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    rope: RotaryParams,
+    config: DCAConfig,
+    scale: float,
+) -> torch.Tensor:
+    """:func:`triton_dca_attention` for inputs :func:`unsupported_reason` already accepted (decode calls
+    it once per layer and token, so the checks are not repeated)."""
     if os.environ.get("CHUNKLLAMA_CHECK_POSITIONS", "0") == "1":
         _check_positions(query_positions, key_positions)
+    # Cheap checks first: on the decode path every call's host time counts (see module docstring).
     if query.stride(-1) != 1:
         query = query.contiguous()
     if key.stride(-1) != 1:
         key = key.contiguous()
     if value.stride(-1) != 1:
         value = value.contiguous()
+    query_positions = _int64_on(query_positions, query.device)
+    key_positions = _int64_on(key_positions, query.device)
+    inv_freq = rope.inv_freq
+    if inv_freq.dtype != torch.float32 or inv_freq.device != query.device or not inv_freq.is_contiguous():
+        inv_freq = inv_freq.to(device=query.device, dtype=torch.float32).contiguous()
     args = (
-        query, key, value, query_positions.to(query.device), key_positions.to(query.device),
-        rope.inv_freq, float(rope.attention_scaling), config.chunk_len, int(config.chunk_size), scale,
+        query, key, value, query_positions, key_positions,
+        inv_freq, float(rope.attention_scaling), config.chunk_len, int(config.chunk_size), scale,
     )
     if decode_rows(query.shape[1], key.shape[1], query.shape[2]) <= DECODE_MAX_ROWS:
         return dca_decode(*args)
     return dca_prefill(*args)
 
 
-__all__ = ["unsupported_reason", "triton_dca_attention", "dca_prefill", "dca_decode"]
+__all__ = ["unsupported_reason", "triton_dca_attention", "launch", "dca_prefill", "dca_decode"]
