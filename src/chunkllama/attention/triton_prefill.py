@@ -243,7 +243,8 @@ def dca_prefill(
     assert head_dim in (64, 128) and value.shape[-1] == head_dim, "head_dim must be 64 or 128"
     assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
     assert q_heads % kv_heads == 0
-    out = torch.empty(batch, q_heads, q_len, head_dim, dtype=query.dtype, device=query.device)
+    # (B, T, H, D) in memory, as SDPA-flash returns it: the model's transpose + reshape is then free.
+    out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
     qpos = query_positions.to(torch.int64)
     kpos = key_positions.to(torch.int64)
     if qpos.stride(-1) != 1:
