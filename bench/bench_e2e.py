@@ -2,7 +2,7 @@
 
 Usage (CUDA, one 80 GB card):
     python bench/bench_e2e.py [--throughput-length 32768] [--longest 204800 262144] [--budget-s 240]
-        [--out bench/results]
+        [--profile] [--out bench/results]
 
 1. Prefill tokens/s at ``--throughput-length``: one forward of ``input_ids (1, T)`` with
    ``use_cache=False, logits_to_keep=1``, unpatched (``attn_implementation="sdpa"``) vs
@@ -60,6 +60,27 @@ def time_forward(model, ids, reps: int, use_cache: bool = False) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def profile_table(model, ids, label: str, rows: int = 15) -> str:
+    """Top GPU kernels of one forward (torch.profiler), as markdown lines."""
+    from torch.profiler import ProfilerActivity, profile
+
+    forward(model, ids, False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        forward(model, ids, False)
+        torch.cuda.synchronize()
+    # kernels are the events whose own (self) time is on the device; CPU ops only launch them
+    events = [e for e in prof.key_averages() if e.self_device_time_total > 0 and "CUDA" in str(e.device_type)]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    lines = [f"### {label}: {total / 1e3:.1f} ms of GPU kernels", "", "| kernel | calls | GPU ms | share |",
+             "|---|---|---|---|"]
+    for e in events[:rows]:
+        lines.append(f"| `{e.key[:90]}` | {e.count} | {e.self_device_time_total / 1e3:.2f} | "
+                     f"{e.self_device_time_total / total:.1%} |")
+    return "\n".join(lines + [""])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--throughput-length", type=int, default=32768)
@@ -67,6 +88,8 @@ def main() -> None:
     parser.add_argument("--longest", type=int, nargs="*", default=[204800, 262144])
     parser.add_argument("--with-cache", action="store_true")
     parser.add_argument("--budget-s", type=float, default=240.0, help="stop the longest-prefill ladder after this")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write e2e_profile.md: top GPU kernels of one forward, unpatched and DCA")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     import triton
@@ -81,8 +104,16 @@ def main() -> None:
     T = args.throughput_length
     ids = torch.randint(0, LLAMA2_7B["vocab_size"], (1, T), device="cuda")
     sdpa_ms = time_forward(model, ids, args.reps)
+    profiles = [profile_table(model, ids, f"unpatched SDPA, T={T}")] if args.profile else []
     chunkllama.apply_dca(model, 4096, backend="triton")
     dca_ms = time_forward(model, ids, args.reps)
+    if args.profile:
+        profiles.append(profile_table(model, ids, f"DCA (Triton), T={T}"))
+        args.out.mkdir(parents=True, exist_ok=True)
+        text = f"# GPU kernels of one Llama-2-7B-shaped forward\n\n{info['device']}, torch {info['torch']}, " \
+               f"triton {info['triton']}, transformers {info['transformers']}.\n\n" + "\n".join(profiles)
+        (args.out / "e2e_profile.md").write_text(text)
+        print(text, flush=True)
     row = {
         "bench": "e2e_prefill", "T": T, "dca_ms": round(dca_ms, 1), "sdpa_ms": round(sdpa_ms, 1),
         "dca_tokens_per_s": round(T / dca_ms * 1e3), "sdpa_tokens_per_s": round(T / sdpa_ms * 1e3),
