@@ -3,20 +3,20 @@
 Shapes follow HF: ``query (B, Hq, Tq, D)`` (unrotated, ``Tq`` small), ``key``/``value`` ``(B, Hk, Tk, D)``
 with keys rotated at ``p % chunk_len``.
 
-One launch, grid ``(B * Hk, splits)``: one program packs the ``groups * Tq`` query rows that share
-one KV head (GQA: K/V are read once per KV head, never repeated), keeps the three rotations of those
-rows in registers and walks its share of the visible key tiles. Tiles wholly in chunks ``<= c-2``
-take one dot (inter rotation); tiles near the query's chunk take one dot per rotation and pick per
-element. It writes its normalised partial output and log2-sum-exp in fp32, then takes a ticket from
-a per-(batch, KV head) counter; the program that draws the last ticket merges all splits of that
-head by log-sum-exp (fp32) and writes ``out`` in the input dtype. One launch instead of a separate
-merge kernel halves the host cost of a decode step (the Python launch path costs about as much as
-the kernel at 16k tokens); the counter is the usual split-K "last block reduces" semaphore
-(barrier, then one release/acquire atomic per program; partials are read past L1).
+Pass 1 (``_dca_decode_split_kernel``), grid ``(B * Hk, splits)``: one program packs the ``groups * Tq``
+query rows that share one KV head (GQA: K/V are read once per KV head, never repeated), keeps the
+three rotations of those rows in registers and walks its share of the visible key tiles. Tiles
+wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
+per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
+Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk, groups * Tq)``: merges the splits by
+log-sum-exp in fp32 and writes ``out`` in the input dtype.
+
+Merging inside pass 1 instead (the last split program of a head merges, found through an atomic
+counter) saves one launch on the host but was measured slower on the GPU (H100, 16k cache: 60 us vs
+47 us per step in CUDA-graph replays): one program merging serially is the tail of the step.
 
 Same position assumption as :mod:`.triton_prefill` (keys ``index - offset`` per row).
-Extra memory: ``B * Hk * splits * rows * (D + 1)`` fp32 (rows = ``groups * Tq`` padded to >= 16) and
-``B * Hk`` int32 counters.
+Extra memory: ``B * Hk * splits * rows * (D + 1)`` fp32 (rows = ``groups * Tq`` padded to >= 16).
 """
 
 from __future__ import annotations
@@ -35,13 +35,12 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _dca_decode_split_kernel(
-    Q, K, V, Out, OPart, LPart, Counter, QPos, KPos, InvFreq,
+    Q, K, V, OPart, LPart, QPos, KPos, InvFreq,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
     Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -119,46 +118,44 @@ def _dca_decode_split_kernel(
     tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], out)
     tl.store(LPart + part, lse)
 
-    # Last program of this (batch, KV head) to finish merges: every thread's partials are stored
-    # (barrier) before one thread's release; its acquire makes the other programs' partials visible.
-    tl.debug_barrier()
-    ticket = tl.atomic_add(Counter + pid_bh, 1, sem="acq_rel", scope="gpu")
-    if ticket == SPLITS - 1:
-        _merge_splits(OPart, LPart, Out, QPos, pid_bh, b, hk, stride_ob, stride_oh, stride_om, Tq, groups,
-                      SPLITS, HEAD_DIM, BLOCK_M, BLOCK_S)
-        tl.atomic_xchg(Counter + pid_bh, 0)  # ready for reuse
-
 
 @triton.jit
-def _merge_splits(OPart, LPart, Out, QPos, pid_bh, b, hk, stride_ob, stride_oh, stride_om, Tq, groups,
-                  SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Merge the ``SPLITS`` partials of each real packed row of one (batch, KV head), ``BLOCK_S`` at a time."""
+def _dca_decode_merge_kernel(
+    OPart, LPart, Out, QPos,
+    stride_ob, stride_oh, stride_om,
+    Tq, num_kv_heads, groups,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """One program per (batch, KV head, packed row): all splits of that row, ``BLOCK_S`` at a time."""
+    pid_bh = tl.program_id(0)
+    row = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    hk = pid_bh % num_kv_heads
+    g = row // Tq
+    tok = row % Tq
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, HEAD_DIM)
-    for row in range(0, groups * Tq):
-        g = row // Tq
-        tok = row % Tq
-        m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
-        l_i = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
-        acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
-        for s0 in range(0, SPLITS, BLOCK_S):
-            in_s = s0 + offs_s < SPLITS
-            part = (pid_bh * SPLITS + s0 + offs_s) * BLOCK_M + row
-            lse = tl.load(LPart + part, mask=in_s, other=float("-inf"), cache_modifier=".cg")
-            m_new = tl.maximum(m, tl.max(lse, 0))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            w = tl.math.exp2(lse - m_safe)
-            alpha = tl.math.exp2(m - m_safe)
-            o = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], mask=(in_s & (w > 0))[:, None],
-                        other=0.0, cache_modifier=".cg")
-            acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-            l_i = l_i * alpha + tl.sum(w, 0)
-            m = m_new
-        qpos = tl.load(QPos + b * Tq + tok)
-        keep = (l_i > 0) & (qpos >= 0)
-        out = tl.where(keep, acc / tl.where(keep, l_i, 1.0), 0.0)
-        tl.store(Out + b * stride_ob + (hk * groups + g) * stride_oh + tok * stride_om + offs_d,
-                 out.to(Out.dtype.element_ty))
+    base = pid_bh * SPLITS * BLOCK_M + row  # split s of this row: base + s * BLOCK_M
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], dtype=tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        in_s = s0 + offs_s < SPLITS
+        part = base + (s0 + offs_s) * BLOCK_M
+        lse = tl.load(LPart + part, mask=in_s, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_safe)
+        alpha = tl.math.exp2(m - m_safe)
+        o = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], mask=(in_s & (w > 0))[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+        l_i = l_i * alpha + tl.sum(w, 0)
+        m = m_new
+    qpos = tl.load(QPos + b * Tq + tok)
+    keep = (l_i > 0) & (qpos >= 0)
+    out = tl.where(keep, acc / tl.where(keep, l_i, 1.0), 0.0)
+    tl.store(Out + b * stride_ob + (hk * groups + g) * stride_oh + tok * stride_om + offs_d,
+             out.to(Out.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,7 +185,7 @@ def dca_decode(
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """Launch the split-K decode kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``.
+    """Launch split-K decode + merge. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``.
 
     ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
     fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it).
@@ -209,14 +206,17 @@ def dca_decode(
         splits = max(1, min(want, -(-kv_len // (2 * block_n)), 256))
     o_part = torch.empty(batch * kv_heads * splits * block_m, head_dim, dtype=torch.float32, device=device)
     l_part = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=device)
-    counter = torch.zeros(batch * kv_heads, dtype=torch.int32, device=device)
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=device).transpose(1, 2)
     sq, sk, sv, so = query.stride(), key.stride(), value.stride(), out.stride()
+    groups = q_heads // kv_heads
     _dca_decode_split_kernel[(batch * kv_heads, splits)](
-        query, key, value, out, o_part, l_part, counter, query_positions, key_positions, inv_freq,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2], so[0], so[1], so[2],
-        q_len, kv_len, kv_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_S=16 if _INTERPRET else 64,
-        num_warps=warps, num_stages=stages,
+        query, key, value, o_part, l_part, query_positions, key_positions, inv_freq,
+        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        q_len, kv_len, kv_heads, groups, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+    )
+    _dca_decode_merge_kernel[(batch * kv_heads, groups * q_len)](
+        o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_S=16 if _INTERPRET else 32, num_warps=1 if _INTERPRET else 4,
     )
     return out
