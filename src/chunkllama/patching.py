@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import check_backend, dca_attention
+from .attention import check_backend, dca_attention, rotate_keys
 from .compat import cached_length, pick_cache, update_cache
 from .config import DCAConfig
 from .positions import key_rope_positions, positions_from_offsets, row_offsets
-from .rope import RotaryParams, apply_rope
+from .rope import RotaryParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,7 +148,8 @@ def dca_attention_forward(
     query_positions = positions_from_offsets(offsets, past, q_len)
 
     rope = _rotary_params(patch.rotary)
-    key = apply_rope(key, rope, key_rope_positions(query_positions.clamp(min=0), patch.config.chunk_len))
+    key_rotation = key_rope_positions(query_positions.clamp(min=0), patch.config.chunk_len)
+    key = rotate_keys(key, rope, key_rotation, patch.backend)
     if cache is not None:
         key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
     key_positions = positions_from_offsets(offsets, 0, key.shape[2])

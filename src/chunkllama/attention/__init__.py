@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DCAConfig
-from ..rope import RotaryParams
+from ..rope import RotaryParams, rope_cos_sin, rotate_half
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -43,6 +43,26 @@ def resolve_backend(backend: str, query: torch.Tensor, key: torch.Tensor, value:
     if backend == "triton":
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}. Use backend='auto' or 'reference'.")
     return "reference"
+
+
+def rotate_keys(key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Keys rotated at ``positions``: :func:`chunkllama.rope.apply_rope`, bit for bit.
+
+    Where ``backend`` would run the Triton kernels on ``key`` (CUDA, fp16/bf16, head_dim 64/128),
+    the rotation is one fused kernel (:mod:`.triton_rope`) instead of five PyTorch ops.
+
+    Args:
+        key: ``(B, H, T, D)``.
+        positions: int64 ``(B, T)``, non-negative.
+    Returns:
+        ``(B, H, T, D)`` in ``key.dtype``.
+    """
+    cos, sin = rope_cos_sin(rope, positions, key.dtype)
+    if backend != "reference" and _triton_unsupported_reason(key, key, key) is None:
+        from . import triton_rope
+
+        return triton_rope.rotate(key, cos, sin)
+    return key * cos + rotate_half(key) * sin
 
 
 def dca_attention(
@@ -100,4 +120,4 @@ def dca_attention(
     return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
 
 
-__all__ = ["BACKENDS", "dca_attention", "reference_dca_attention", "resolve_backend"]
+__all__ = ["BACKENDS", "dca_attention", "reference_dca_attention", "resolve_backend", "rotate_keys"]

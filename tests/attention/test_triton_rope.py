@@ -1,0 +1,97 @@
+"""The fused key rotation equals :func:`chunkllama.rope.apply_rope` bit for bit.
+
+On the CPU the kernel runs under ``TRITON_INTERPRET=1`` in a subprocess (as in test_triton.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# (B, H, T, D, dtype name, layout) ; "bthd" = HF projection views (B, T, H, D) transposed
+CASES = [
+    (1, 2, 37, 64, "float16", "bhtd"),
+    (2, 3, 19, 128, "float16", "bthd"),
+    (2, 1, 5, 64, "float32", "bthd"),
+]
+
+
+def run_case(case, device) -> dict:
+    from chunkllama.attention import triton_rope
+    from chunkllama.rope import RotaryParams, apply_rope, rope_cos_sin
+
+    batch, heads, length, head_dim, dtype_name, layout = case
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(length)
+    if layout == "bthd":
+        x = torch.randn(batch, length, heads, head_dim, generator=gen).to(device, dtype).transpose(1, 2)
+    else:
+        x = torch.randn(batch, heads, length, head_dim, generator=gen).to(device, dtype)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    rope = RotaryParams(inv_freq.to(device), 0.9)
+    positions = torch.randint(0, 5000, (batch, length), generator=gen).to(device)
+    cos, sin = rope_cos_sin(rope, positions, dtype)
+    out = triton_rope.rotate(x, cos, sin)
+    want = apply_rope(x, rope, positions)
+    return {"equal": bool(torch.equal(out, want)), "strides_kept": out.stride() == x.stride(),
+            "max_diff": (out.float() - want.float()).abs().max().item()}
+
+
+def _worker() -> None:
+    from chunkllama.attention.triton_dispatch import unsupported_reason
+
+    probe = torch.zeros(1, 1, 1, 64, dtype=torch.float16)
+    reason = unsupported_reason(probe, probe, probe)
+    if reason is not None:
+        print("SKIP " + reason)
+        return
+    print("RESULTS " + json.dumps({str(i): run_case(case, "cpu") for i, case in enumerate(CASES)}))
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, str(Path(__file__)), "--worker"], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("RESULTS ", "SKIP "))]
+    if lines[-1].startswith("SKIP "):
+        pytest.skip(lines[-1][5:])
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
+@pytest.mark.parametrize("index", range(len(CASES)))
+def test_interpreter_rotation_is_bit_identical(interpreter_results, index):
+    result = interpreter_results[str(index)]
+    assert result["equal"], result
+    assert result["strides_kept"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpu_rotation_is_bit_identical(dtype):
+    for case in [(1, 32, 32768, 128, dtype, "bthd"), (3, 8, 1001, 64, dtype, "bhtd"), (2, 4, 1, 128, dtype, "bthd")]:
+        result = run_case(case, "cuda")
+        assert result["equal"] and result["strides_kept"], (case, result)
+
+
+def test_rotate_rejects_what_it_cannot_take():
+    pytest.importorskip("triton")
+    from chunkllama.attention import triton_rope
+
+    x = torch.zeros(1, 1, 4, 96)
+    with pytest.raises(ValueError, match="head_dim"):
+        triton_rope.rotate(x, x[:, :1], x[:, :1])
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    os.environ["TRITON_INTERPRET"] = "1"
+    _worker()
