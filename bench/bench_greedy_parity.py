@@ -9,7 +9,9 @@ first PG19 book continued as text), ``model.generate`` runs greedily (``do_sampl
 prefill, then one decode step per token) with ``apply_dca(model, backend="reference")`` and again with
 ``backend="triton"``. Reported: whether the new tokens are identical, the first step where they
 differ (with the reference's top-1/top-2 logit gap there: a near-tie explains a flip), and the max
-absolute difference of the prefill's last-token logits. Writes ``greedy_parity.json`` and ``.md``.
+absolute difference of the prompt's last-token logits, between the two and of each against the same
+model in fp32 (reference path): the kernels should be no further from fp32 than the reference path
+is. Writes ``greedy_parity.json`` and ``.md``.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def main() -> None:
     import triton
 
     model, tokenizer = chunkllama.load_model(args.model, dtype=torch.bfloat16, device="cuda")
+    model_fp32, _ = chunkllama.load_model(args.model, dtype=torch.float32, device="cuda")
     prompts = {f"passkey trial {t}": list(make_passkey_prompt(tokenizer, args.length, trial=t, n_trials=3).input_ids)
                for t in range(3)}
     book = sorted(p for p in (args.data / "pg19").glob("*.txt") if "exact" not in p.name)[0]
@@ -65,6 +68,10 @@ def main() -> None:
         ids = torch.tensor([prompt], device="cuda")
         ref_tokens, ref_scores, ref_logits = generate(model, ids, args.new_tokens, "reference")
         tri_tokens, _, tri_logits = generate(model, ids, args.new_tokens, "triton")
+        chunkllama.apply_dca(model_fp32, backend="reference")
+        with torch.no_grad():
+            fp32_logits = model_fp32(ids, logits_to_keep=1).logits[0, -1].float()
+        chunkllama.remove_dca(model_fp32)
         first_diff = next((i for i, (a, b) in enumerate(zip(ref_tokens, tri_tokens)) if a != b), None)
         gap = None
         if first_diff is not None:
@@ -74,6 +81,8 @@ def main() -> None:
             "prompt": name, "prompt_tokens": len(prompt), "new_tokens": args.new_tokens,
             "identical": ref_tokens == tri_tokens, "first_difference": first_diff, "reference_top2_gap_there": gap,
             "prefill_logits_max_abs_diff": float((ref_logits - tri_logits).abs().max()),
+            "reference_bf16_vs_fp32_logits": float((ref_logits - fp32_logits).abs().max()),
+            "triton_bf16_vs_fp32_logits": float((tri_logits - fp32_logits).abs().max()),
             "reference_text": tokenizer.decode(ref_tokens)[:200], "triton_text": tokenizer.decode(tri_tokens)[:200],
         }
         rows.append(row)
@@ -89,14 +98,16 @@ def main() -> None:
         f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}; "
         f"{info['model']} in bf16, DCA defaults for its 8192-token window; {args.new_tokens} new tokens.",
         "",
-        "| prompt | tokens | identical | first difference | prefill last-token logits max abs diff |",
-        "|---|---|---|---|---|",
+        "| prompt | tokens | identical | first difference | last-token logits: max abs diff triton vs reference "
+        "| reference (bf16) vs fp32 | triton (bf16) vs fp32 |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         diff = "—" if r["first_difference"] is None else \
             f"step {r['first_difference']} (top-2 gap {r['reference_top2_gap_there']:.3f})"
         lines.append(f"| {r['prompt']} | {r['prompt_tokens']} | {'yes' if r['identical'] else 'no'} | {diff} | "
-                     f"{r['prefill_logits_max_abs_diff']:.4f} |")
+                     f"{r['prefill_logits_max_abs_diff']:.4f} | {r['reference_bf16_vs_fp32_logits']:.4f} | "
+                     f"{r['triton_bf16_vs_fp32_logits']:.4f} |")
     (args.out / "greedy_parity.md").write_text("\n".join(lines + [""]))
     print("\n".join(lines))
 

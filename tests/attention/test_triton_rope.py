@@ -41,8 +41,11 @@ def run_case(case, device) -> dict:
     want = apply_rope(x, rope, positions)
     # layout kept: same strides wherever they matter (a dimension of size 1 may carry any stride)
     kept = all(a == b for a, b, n in zip(out.stride(), x.stride(), x.shape) if n > 1)
+    differ = out != want
+    where = differ.nonzero()[:3].tolist()
     return {"equal": bool(torch.equal(out, want)), "strides_kept": kept,
-            "max_diff": (out.float() - want.float()).abs().max().item()}
+            "max_diff": (out.float() - want.float()).abs().max().item(), "n_differ": int(differ.sum()),
+            "examples": [(out[tuple(i)].item(), want[tuple(i)].item(), x[tuple(i)].item()) for i in where]}
 
 
 def _worker() -> None:

@@ -77,5 +77,6 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
         x, cos, sin, out,
         sx[0], sx[1], sx[2], cos_batch_stride, sc[2], so[0], so[1], so[2],
         length, heads, HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=1 if _INTERPRET else 4,
+        **({} if _INTERPRET else {"enable_fp_fusion": False}),  # no FMA: round where PyTorch rounds
     )
     return out
