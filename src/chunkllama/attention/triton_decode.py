@@ -196,6 +196,8 @@ def dca_decode(
         key_positions = key_positions.contiguous()
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
+    if head_dim not in (64, 128) or value.shape[-1] != head_dim:
+        raise ValueError(f"dca_decode needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")
     block_m = decode_rows(q_heads, kv_heads, q_len)
     block_n, warps, stages, per_sm = _decode_config()
     device = query.device
