@@ -87,19 +87,22 @@ def graph_ms(fn, rep_ms: float = 200.0) -> float:
     return bench_ms(graph.replay, rep_ms)
 
 
-def host_us(fn, calls: int = 200) -> float:
-    """Host time of one call (the Python path and the launches), GPU work left to run behind it."""
+def host_us(fn, calls: int = 200, rounds: int = 1, warmup: int = 10) -> float:
+    """Host time of one call (the Python path and the launches), GPU work left to run behind it;
+    the best of ``rounds`` rounds of ``calls`` calls (the host is shared with the driver's threads)."""
     import time
 
-    for _ in range(10):
+    for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / calls * 1e6
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - start)
+        torch.cuda.synchronize()
+    return best / calls * 1e6
 
 
 def make_rope() -> RotaryParams:

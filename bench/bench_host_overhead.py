@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
@@ -27,21 +26,9 @@ from chunkllama.attention.triton_decode import dca_decode
 from chunkllama.config import DCAConfig
 from chunkllama.rope import RotaryParams, apply_rope
 
+from bench_attention import host_us  # bench/ is on sys.path when run as a script
+
 HQ, HK, D = 32, 8, 128
-
-
-def host_us(fn, calls: int = 500) -> float:
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(5):  # best of 5 rounds: the host is shared with the driver's threads
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.perf_counter() - start)
-        torch.cuda.synchronize()
-    return best / calls * 1e6
 
 
 def main() -> None:
@@ -77,7 +64,7 @@ def main() -> None:
         "F.scaled_dot_product_attention (enable_gqa)": lambda: F.scaled_dot_product_attention(
             q, k, v, scale=scale, enable_gqa=True),
     }
-    results = {name: round(host_us(fn), 1) for name, fn in rows.items()}
+    results = {name: round(host_us(fn, calls=500, rounds=5, warmup=20), 1) for name, fn in rows.items()}
     info = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cache": T}
     for name, us in results.items():

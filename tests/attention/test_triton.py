@@ -12,14 +12,13 @@ anything imports triton; the tests then check its results case by case. The inte
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from interpreter_worker import run_worker, worker_main
 
 ATOL = {torch.float16: 1e-3, torch.bfloat16: 4e-3}
 
@@ -107,19 +106,10 @@ def run_case(case, dtype, device):
     }
 
 
-def _worker() -> None:
-    from chunkllama.attention.triton_dispatch import unsupported_reason
-
-    probe = torch.zeros(1, 1, 1, 64, dtype=torch.float16)
-    reason = unsupported_reason(probe, probe, probe)
-    if reason is not None:
-        print("SKIP " + reason)
-        return
-    results = {}
-    for case in CPU_CASES:
-        results[case[0]] = run_case(case, torch.float16, "cpu")
+def _worker_results() -> dict:
+    results = {case[0]: run_case(case, torch.float16, "cpu") for case in CPU_CASES}
     results["model_generate"] = run_model_case()
-    print("RESULTS " + json.dumps(results))
+    return results
 
 
 def run_model_case() -> dict:
@@ -163,19 +153,7 @@ def run_model_case() -> dict:
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker"], env=env, capture_output=True, text=True, timeout=600
-    )
-    skip = [line for line in proc.stdout.splitlines() if line.startswith("SKIP ")]
-    if proc.returncode == 0 and skip:
-        pytest.skip(skip[-1][len("SKIP "):])
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    assert proc.returncode == 0 and lines, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_worker(__file__)
 
 
 def _check(result, dtype):
@@ -265,5 +243,4 @@ def test_gpu_decode_same_result_every_run(splits):
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
-    os.environ["TRITON_INTERPRET"] = "1"
-    _worker()
+    worker_main(_worker_results)

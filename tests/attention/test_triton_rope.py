@@ -5,14 +5,12 @@ On the CPU the kernel runs under ``TRITON_INTERPRET=1`` in a subprocess (as in t
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from interpreter_worker import run_worker, worker_main
 
 # (B, H, T, D, dtype name, layout) ; "bthd" = HF projection views (B, T, H, D) transposed
 CASES = [
@@ -48,28 +46,13 @@ def run_case(case, device) -> dict:
             "examples": [(out[tuple(i)].item(), want[tuple(i)].item(), x[tuple(i)].item()) for i in where]}
 
 
-def _worker() -> None:
-    from chunkllama.attention.triton_dispatch import unsupported_reason
-
-    probe = torch.zeros(1, 1, 1, 64, dtype=torch.float16)
-    reason = unsupported_reason(probe, probe, probe)
-    if reason is not None:
-        print("SKIP " + reason)
-        return
-    print("RESULTS " + json.dumps({str(i): run_case(case, "cpu") for i, case in enumerate(CASES)}))
+def _worker_results() -> dict:
+    return {str(i): run_case(case, "cpu") for i, case in enumerate(CASES)}
 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, str(Path(__file__)), "--worker"], capture_output=True, text=True,
-                          env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("RESULTS ", "SKIP "))]
-    if lines[-1].startswith("SKIP "):
-        pytest.skip(lines[-1][5:])
-    return json.loads(lines[-1][len("RESULTS "):])
+    return run_worker(__file__)
 
 
 @pytest.mark.parametrize("index", range(len(CASES)))
@@ -98,5 +81,4 @@ def test_rotate_rejects_what_it_cannot_take():
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
-    os.environ["TRITON_INTERPRET"] = "1"
-    _worker()
+    worker_main(_worker_results)

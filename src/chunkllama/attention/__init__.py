@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DCAConfig
-from ..rope import RotaryParams, rope_cos_sin, rotate_half
+from ..rope import RotaryParams, apply_rope, rope_cos_sin
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -57,12 +57,11 @@ def rotate_keys(key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, 
     Returns:
         ``(B, H, T, D)`` in ``key.dtype``.
     """
-    cos, sin = rope_cos_sin(rope, positions, key.dtype)
     if backend != "reference" and _triton_unsupported_reason(key, key, key) is None:
         from . import triton_rope
 
-        return triton_rope.rotate(key, cos, sin)
-    return key * cos + rotate_half(key) * sin
+        return triton_rope.rotate(key, *rope_cos_sin(rope, positions, key.dtype))
+    return apply_rope(key, rope, positions)
 
 
 def dca_attention(

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prefill import LOG2E, _rotated_query
+from .triton_prefill import LOG2E, _rotated_query, tuning_override
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -167,10 +167,9 @@ def _decode_config() -> tuple[int, int, int, int]:
     """(BLOCK_N, num_warps, num_stages, programs per SM) of the split pass."""
     if _INTERPRET:
         return 16, 1, 1, 1
-    env = os.environ.get("CHUNKLLAMA_DECODE_CONFIG")  # "BN,warps,stages,programs_per_sm" for tuning runs
-    if env:
-        block_n, warps, stages, per_sm = (int(x) for x in env.split(","))
-        return block_n, warps, stages, per_sm
+    override = tuning_override("CHUNKLLAMA_DECODE_CONFIG", 4)  # "BN,warps,stages,programs_per_sm"
+    if override:
+        return override
     return 128, 8, 2, 2  # best of bench_attention.py --tune-decode on an H100 (graph replays, 16k and 128k)
 
 

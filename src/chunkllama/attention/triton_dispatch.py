@@ -1,7 +1,7 @@
 """Which Triton kernel runs DCA, and whether one can.
 
 :func:`unsupported_reason` is asked by :func:`chunkllama.attention.resolve_backend`;
-:func:`triton_dca_attention` launches :mod:`.triton_decode` for a few query rows per KV head
+:func:`launch` runs :mod:`.triton_decode` for a few query rows per KV head
 (``groups * Tq <= 64``: decode, speculative steps) and :mod:`.triton_prefill` otherwise.
 
 Both kernels assume what :mod:`chunkllama.patching` produces: within a batch row, key positions are
@@ -65,27 +65,11 @@ def _check_positions(query_positions: torch.Tensor, key_positions: torch.Tensor)
 
 
 def _int64_on(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``positions`` as contiguous int64 on ``device`` (the same tensor when it already is)."""
+    """``positions`` as int64 on ``device`` (the same tensor when it already is; the kernels' launchers
+    make them contiguous)."""
     if positions.dtype != torch.int64 or positions.device != device:
         positions = positions.to(device=device, dtype=torch.int64)
-    return positions if positions.is_contiguous() else positions.contiguous()
-
-
-def triton_dca_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    query_positions: torch.Tensor,
-    key_positions: torch.Tensor,
-    rope: RotaryParams,
-    config: DCAConfig,
-    scale: float,
-) -> torch.Tensor:
-    """DCA through the fused kernels; contract of :func:`chunkllama.attention.dca_attention`."""
-    reason = unsupported_reason(query, key, value)
-    if reason is not None:
-        raise ValueError(f"Triton DCA cannot run these inputs: {reason}")
-    return launch(query, key, value, query_positions, key_positions, rope, config, scale)
+    return positions
 
 
 def launch(
@@ -98,11 +82,12 @@ def launch(
     config: DCAConfig,
     scale: float,
 ) -> torch.Tensor:
-    """:func:`triton_dca_attention` for inputs :func:`unsupported_reason` already accepted (decode calls
-    it once per layer and token, so the checks are not repeated)."""
+    """DCA through the fused kernels, contract of :func:`chunkllama.attention.dca_attention`, for inputs
+    that :func:`unsupported_reason` accepted (the caller checks once; decode comes here once per layer
+    and token, so nothing is checked twice)."""
     if os.environ.get("CHUNKLLAMA_CHECK_POSITIONS", "0") == "1":
         _check_positions(query_positions, key_positions)
-    # Cheap checks first: on the decode path every call's host time counts (see module docstring).
+    # Conversions only when needed: on the decode path every call's host time counts.
     if query.stride(-1) != 1:
         query = query.contiguous()
     if key.stride(-1) != 1:
@@ -123,4 +108,4 @@ def launch(
     return dca_prefill(*args)
 
 
-__all__ = ["unsupported_reason", "triton_dca_attention", "launch", "dca_prefill", "dca_decode"]
+__all__ = ["unsupported_reason", "launch", "dca_prefill", "dca_decode"]

@@ -219,14 +219,24 @@ def _dca_prefill_kernel(
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None])
 
 
+def tuning_override(name: str, count: int) -> tuple[int, ...] | None:
+    """``count`` comma-separated ints from environment variable ``name`` (benchmark tuning runs), or None."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    values = tuple(int(x) for x in env.split(","))
+    if len(values) != count:
+        raise ValueError(f"{name}={env!r}: expected {count} comma-separated integers.")
+    return values
+
+
 def _config(head_dim: int, chunk_len: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim; BLOCK_N divides chunk_len when it can."""
     if _INTERPRET:
         return 16, 16, 1, 1
-    env = os.environ.get("CHUNKLLAMA_PREFILL_CONFIG")  # "BM,BN,warps,stages" for tuning runs
-    if env:
-        bm, bn, w, s = (int(x) for x in env.split(","))
-        return bm, bn, w, s
+    override = tuning_override("CHUNKLLAMA_PREFILL_CONFIG", 4)  # "BM,BN,warps,stages"
+    if override:
+        return override
     if head_dim <= 64:
         return 128, 64, 4, 3
     return 128, 64, 8, 3
