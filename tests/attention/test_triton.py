@@ -38,6 +38,8 @@ CPU_CASES = [
     ("chunked_pad", "prefill", 2, 4, 1, 45, 70, 64, 32, (0, 5)),
     ("aligned_chunked_pad", "prefill", 2, 2, 1, 100, 181, 64, 128, (3, 40)),
     ("all_padding_row", "prefill", 2, 2, 1, 8, 40, 64, 32, (0, 45)),
+    # pretraining 16 -> chunk_len 10: a block of 16 queries spans two or three chunks
+    ("tiny_chunks_pad", "prefill", 2, 4, 2, 50, 77, 64, 16, (0, 7)),
     ("d128", "prefill", 1, 2, 1, 60, 60, 128, 32, (0,)),
     ("d128_aligned", "prefill", 1, 2, 2, 170, 170, 128, 128, (0,)),
     ("decode_pad", "decode", 2, 4, 1, 1, 70, 64, 32, (0, 5)),
@@ -212,6 +214,7 @@ GPU_CASES = [
     ("gpu_decode_pad_gqa8", "decode", 2, 32, 4, 1, 20481, 128, 8192, (0, 777)),
     ("gpu_decode_4tok", "decode", 1, 32, 8, 4, 15361, 64, 8192, (0,)),
     ("gpu_auto_small", "auto", 2, 8, 2, 513, 1030, 128, 512, (0, 5)),
+    ("gpu_prefill_tiny_chunks", "prefill", 2, 8, 2, 700, 900, 128, 64, (0, 33)),  # chunk_len 40 < BLOCK_M
 ]
 
 
