@@ -28,9 +28,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prefill import LOG2E, _rotated_query, tuning_override
+from .triton_prefill import LOG2E, tuning_override
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@triton.jit
+def _rotated_query(q_ptrs, q_sw_ptrs, row_mask, rot_pos, inv_freq, sign, attn_scaling, qk_scale, DTYPE: tl.constexpr):
+    """Load the query tile and rotate it at per-row positions ``rot_pos``; pre-scaled by ``qk_scale``."""
+    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    q_sw = tl.load(q_sw_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
+    angle = rot_pos.to(tl.float32)[:, None] * inv_freq[None, :]
+    cos = tl.cos(angle) * attn_scaling
+    sin = tl.sin(angle) * attn_scaling
+    return ((q * cos + sign[None, :] * q_sw * sin) * qk_scale).to(DTYPE)
 
 
 @triton.jit

@@ -43,20 +43,10 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
-def _rotated_query(q_ptrs, q_sw_ptrs, row_mask, rot_pos, inv_freq, sign, attn_scaling, qk_scale, DTYPE: tl.constexpr):
-    """Load the query tile and rotate it at per-row positions ``rot_pos``; pre-scaled by ``qk_scale``."""
-    q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
-    q_sw = tl.load(q_sw_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
-    angle = rot_pos.to(tl.float32)[:, None] * inv_freq[None, :]
-    cos = tl.cos(angle) * attn_scaling
-    sin = tl.sin(angle) * attn_scaling
-    return ((q * cos + sign[None, :] * q_sw * sin) * qk_scale).to(DTYPE)
-
-
-@triton.jit
 def _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale,
               DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Rows ``offs_m`` of ``q_head`` rotated at ``rot_pos`` (cos/sin from the tables), pre-scaled.
+    """Rows ``offs_m`` of ``q_head`` rotated at per-row positions ``rot_pos`` (cos/sin gathered from the
+    ``(chunk_size+1, D/2)`` fp32 tables, times ``attn_scaling``), pre-scaled by ``qk_scale``.
     Pointer tiles are built here so that none stays live across the key loops."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_d = tl.arange(0, HEAD_DIM)
@@ -252,8 +242,8 @@ def tuning_override(name: str, count: int) -> tuple[int, ...] | None:
     return values
 
 
-def _config(head_dim: int, chunk_len: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim; BLOCK_N divides chunk_len when it can."""
+def _config(head_dim: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim."""
     if _INTERPRET:
         return 16, 16, 1, 1
     override = tuning_override("CHUNKLLAMA_PREFILL_CONFIG", 4)  # "BM,BN,warps,stages"
@@ -269,7 +259,11 @@ def dca_prefill(
     query_positions: torch.Tensor, key_positions: torch.Tensor,
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
 ) -> torch.Tensor:
-    """Launch the fused prefill kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``."""
+    """Launch the fused prefill kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``.
+
+    ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
+    fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it).
+    """
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     assert head_dim in (64, 128) and value.shape[-1] == head_dim, "head_dim must be 64 or 128"
@@ -277,18 +271,12 @@ def dca_prefill(
     assert q_heads % kv_heads == 0
     # (B, T, H, D) in memory, as SDPA-flash returns it: the model's transpose + reshape is then free.
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
-    qpos = query_positions.to(torch.int64)
-    kpos = key_positions.to(torch.int64)
-    if qpos.stride(-1) != 1:
-        qpos = qpos.contiguous()
-    if kpos.stride(-1) != 1:
-        kpos = kpos.contiguous()
+    qpos = query_positions if query_positions.stride(-1) == 1 else query_positions.contiguous()
+    kpos = key_positions if key_positions.stride(-1) == 1 else key_positions.contiguous()
     # cos/sin of every rotation position 0..chunk_size, computed as rope.py does (fp32 angles).
-    angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq.to(
-        device=query.device, dtype=torch.float32
-    )[None, :]
+    angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
-    block_m, block_n, warps, stages = _config(head_dim, chunk_len)
+    block_m, block_n, warps, stages = _config(head_dim)
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _dca_prefill_kernel[grid](
         query, key, value, out, qpos, kpos, cos_table, sin_table,
