@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DCAConfig
-from ..rope import RotaryParams, apply_rope, rope_cos_sin
+from ..rope import RotaryParams, apply_rope
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -49,7 +49,8 @@ def rotate_keys(key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, 
     """Keys rotated at ``positions``: :func:`chunkllama.rope.apply_rope`, bit for bit.
 
     Where ``backend`` would run the Triton kernels on ``key`` (CUDA, fp16/bf16, head_dim 64/128),
-    the rotation is one fused kernel (:mod:`.triton_rope`) instead of five PyTorch ops.
+    the rotation is one fused kernel (:func:`.triton_rope.rotate_at`: angles, cos and sin computed
+    inside from ``positions`` and ``rope.inv_freq``) instead of ~13 PyTorch ops.
 
     Args:
         key: ``(B, H, T, D)``.
@@ -60,7 +61,7 @@ def rotate_keys(key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, 
     if backend != "reference" and _triton_unsupported_reason(key, key, key) is None:
         from . import triton_rope
 
-        return triton_rope.rotate(key, *rope_cos_sin(rope, positions, key.dtype))
+        return triton_rope.rotate_at(key, positions, rope.inv_freq, rope.attention_scaling)
     return apply_rope(key, rope, positions)
 
 
