@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..config import DCAConfig
-from ..positions import INTER, INTRA, MASKED, SUCCESSIVE, chunk_relation, query_rope_positions
+from ..positions import INTER, INTRA, SUCCESSIVE, chunk_relation, query_rope_positions
 from ..rope import RotaryParams, apply_rope
 from .chunked import chunked_dca_attention, contiguous_offsets
 from .merge import merge_partials
@@ -104,7 +104,7 @@ def blocked_dca_attention(
         acc = torch.zeros(batch, kv_heads, groups * rows, value_dim, dtype=torch.float32, device=query.device)
         lse = torch.full((batch, kv_heads, groups * rows), float("-inf"), dtype=torch.float32, device=query.device)
         if q_valid.numel():
-            q_block = query[:, :, q_start:q_end].to(torch.float32) * scale
+            q_block = _fp32(query[:, :, q_start:q_end]) * scale
             rotated = {
                 kind: apply_rope(q_block, rope, pos.clamp(min=0)).reshape(batch, kv_heads, groups * rows, -1)
                 for kind, pos in zip((INTRA, SUCCESSIVE, INTER), query_rope_positions(q_pos, chunk_len, chunk_size))
@@ -138,6 +138,27 @@ def blocked_dca_attention(
         if lse_out is not None:
             lse_out[:, :, q_start:q_end] = lse.view(batch, q_heads, rows)
     return (out, lse_out) if return_lse else out
+
+
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
+
+
+def _static_relation(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~chunkllama.positions.chunk_relation` in the form the static path consumes, in few ops.
+
+    Args:
+        q_pos: int64 ``(B, n)``; k_pos: int64 ``(B, m)``.
+    Returns:
+        ``pick`` int64 ``(B, 1, 1, 1, n, m)``: 0 intra, 1 successive, 2 inter (the row of the stacked
+        rotations to read); ``masked`` bool ``(B, 1, 1, n, m)``: future keys and padding.
+    """
+    q_chunk = torch.div(q_pos, chunk_len, rounding_mode="floor")[:, :, None]
+    k_chunk = torch.div(k_pos, chunk_len, rounding_mode="floor")[:, None, :]
+    pick = (q_chunk - k_chunk).clamp_(0, 2)
+    # a padding query (negative) sees only keys with smaller positions, all padding too
+    masked = (k_pos[:, None, :] > q_pos[:, :, None]) | (k_pos < 0)[:, None, :]
+    return pick[:, None, None, None], masked[:, None, None]
 
 
 def static_dca_attention(
@@ -175,24 +196,22 @@ def static_dca_attention(
         q_pos = query_positions[:, q_start:q_end]
         # (B, 3·rows): the intra, successive and inter positions, one after the other
         three = torch.cat(query_rope_positions(q_pos.clamp(min=0), chunk_len, chunk_size), dim=1)
-        q_block = query[:, :, q_start:q_end].to(torch.float32) * scale
+        q_block = _fp32(query[:, :, q_start:q_end]) * scale
         rotated = apply_rope(q_block.repeat(1, 1, 3, 1), rope, three).reshape(batch, kv_heads, groups * 3 * rows, head_dim)
         acc = lse = None
         for k_start in range(0, kv_len, block_k):
             k_end = min(k_start + block_k, kv_len)
             cols = k_end - k_start
-            scores = torch.matmul(rotated, key[:, :, k_start:k_end].to(torch.float32).transpose(-1, -2))
+            scores = torch.matmul(rotated, _fp32(key[:, :, k_start:k_end]).transpose(-1, -2))
             scores = scores.view(batch, kv_heads, groups, 3, rows, cols)
-            relation = chunk_relation(q_pos[:, :, None], key_positions[:, None, k_start:k_end], chunk_len)
-            pick = (relation.to(torch.int64) - INTRA).clamp(min=0)  # INTRA, SUCCESSIVE, INTER -> 0, 1, 2
-            pick = pick[:, None, None, None].expand(batch, kv_heads, groups, 1, rows, cols)
-            scores = scores.gather(3, pick).squeeze(3)
-            scores = scores.masked_fill((relation == MASKED)[:, None, None], float("-inf"))
+            pick, masked = _static_relation(q_pos, key_positions[:, k_start:k_end], chunk_len)
+            scores = scores.gather(3, pick.expand(batch, kv_heads, groups, 1, rows, cols)).squeeze(3)
+            scores = scores.masked_fill(masked, float("-inf"))
             scores = scores.view(batch, kv_heads, groups * rows, cols)
             block_lse = torch.logsumexp(scores, dim=-1)
             safe = torch.where(torch.isfinite(block_lse), block_lse, torch.zeros_like(block_lse))
             probs = torch.exp(scores - safe.unsqueeze(-1))
-            block_out = torch.matmul(probs, value[:, :, k_start:k_end].to(torch.float32))
+            block_out = torch.matmul(probs, _fp32(value[:, :, k_start:k_end]))
             if acc is None:
                 acc, lse = block_out, block_lse
             else:
