@@ -281,6 +281,9 @@ def test_other_instances_and_the_class_are_untouched():
     remove_dca(patched)
     assert is_dca_applied(clone)
     assert torch.equal(_logits(patched, ids), expected)
+    remove_dca(clone)  # and removing it restores the clone exactly too
+    assert not any(name in vars(m) for m in clone.modules() for name in ("forward", "save_pretrained", "_get_stopping_criteria"))
+    assert torch.equal(_logits(clone, ids), expected)
 
 
 def test_get_dca_config_reads_back_and_returns_model():

@@ -75,7 +75,20 @@ class _ModelPatch:
     hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _prepare_forward
 
 
-_MISSING = object()
+class _Missing:
+    """Marks "there was no instance attribute"; one object, also across copy.deepcopy and pickle."""
+
+    def __deepcopy__(self, memo: dict) -> "_Missing":
+        return self
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 _INPUT_ARGS = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")
 
 ATTENTION_MAPS_ERROR = (
