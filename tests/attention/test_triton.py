@@ -49,6 +49,8 @@ CPU_CASES = [
     ("decode_boundary", "decode", 1, 4, 1, 1, 81, 64, 128, (0,)),
     # 20 splits over 25 key tiles: the last 7 splits see no key, and the merge takes two blocks of 16
     ("decode_20_splits", "decode20", 2, 4, 1, 2, 400, 64, 128, (0, 9)),
+    # the decode kernel with the query as one rounded tile (CHUNKLLAMA_DECODE_QSPLIT=0)
+    ("decode_single_tile", "decode_nosplit", 2, 4, 1, 1, 70, 64, 32, (0, 5)),
     ("dispatch_auto", "auto", 2, 4, 2, 33, 64, 64, 32, (0, 7)),
     ("dispatch_auto_decode", "auto", 2, 4, 2, 1, 64, 64, 32, (0, 7)),
 ]
@@ -95,6 +97,12 @@ def run_case(case, dtype, device):
         out = dca_decode(*args)
     elif kind == "decode20":
         out = dca_decode(*args, splits=20)
+    elif kind == "decode_nosplit":
+        os.environ["CHUNKLLAMA_DECODE_QSPLIT"] = "0"
+        try:
+            out = dca_decode(*args)
+        finally:
+            del os.environ["CHUNKLLAMA_DECODE_QSPLIT"]
     else:
         assert resolve_backend("auto", q, k, v) == "triton"
         out = dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="auto")
@@ -115,13 +123,13 @@ def _worker_results() -> dict:
     return results
 
 
-COMPILE_CASES = [
-    ("compile_prefill", "auto", 2, 4, 2, 33, 64, 64, 32, (0, 7)),
+COMPILE_CASES = [  # decode: what a compiled generate step runs (the prefill op is registered the same way)
     ("compile_decode", "auto", 2, 4, 2, 1, 64, 64, 32, (0, 7)),
 ]
+GPU_COMPILE_CASES = COMPILE_CASES + [("compile_prefill", "auto", 2, 4, 2, 33, 64, 64, 32, (0, 7))]
 
 
-def run_compile_case(device, backend, dtype=torch.float16) -> dict:
+def run_compile_case(device, backend, dtype=torch.float16, cases=COMPILE_CASES) -> dict:
     """``torch.compile(fullgraph=True)`` over the Triton launch path (key rotation + attention): no graph
     break (the kernels are custom ops with fake implementations), same output as eager."""
     import torch._dynamo
@@ -129,7 +137,7 @@ def run_compile_case(device, backend, dtype=torch.float16) -> dict:
     from chunkllama.attention import triton_dispatch, triton_rope
 
     results = {}
-    for case in COMPILE_CASES:
+    for case in cases:
         q, k, v, qpos, kpos, rope, config = make_inputs(case, dtype, device)
         scale = q.shape[-1] ** -0.5
 
@@ -293,7 +301,7 @@ def test_gpu_matches_reference(case, dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_compiled_equals_eager():
     """Inductor (fullgraph) keeps the custom ops and gives eager's output."""
-    results = run_compile_case("cuda", backend="inductor", dtype=torch.bfloat16)
+    results = run_compile_case("cuda", backend="inductor", dtype=torch.bfloat16, cases=GPU_COMPILE_CASES)
     for name, result in results.items():
         assert result["equal"], (name, result)
 

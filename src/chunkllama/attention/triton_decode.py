@@ -41,8 +41,8 @@ def _rotated_query(q_ptrs, q_sw_ptrs, row_mask, rot_pos, inv_freq, sign, attn_sc
     Returned as two tiles in ``DTYPE`` whose sum is the fp32 rotation to ~16 significant bits
     (``hi`` rounded, ``lo`` the rounding error): the scores take one dot of each, so the query
     loses no precision to the low-precision dot (the reference path's rotated query is one
-    bf16 tensor). Decode reads K/V from memory at a far lower rate than the tensor cores run,
-    so the second dot costs nothing measurable.
+    bf16 tensor). Decode is bound by reading K/V, so the second dot should cost little; not yet
+    timed on a GPU (``CHUNKLLAMA_DECODE_QSPLIT=0`` restores the single dot for A/B runs).
     """
     q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     q_sw = tl.load(q_sw_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
@@ -55,9 +55,12 @@ def _rotated_query(q_ptrs, q_sw_ptrs, row_mask, rot_pos, inv_freq, sign, attn_sc
 
 
 @triton.jit
-def _scores(q_hi, q_lo, k):
-    """``(q_hi + q_lo) @ k`` in fp32: two low-precision dots into one accumulator."""
-    return tl.dot(q_lo, k, tl.dot(q_hi, k))
+def _scores(q_hi, q_lo, k, QSPLIT: tl.constexpr):
+    """``(q_hi + q_lo) @ k`` in fp32 (two low-precision dots into one accumulator); ``q_hi @ k`` without ``QSPLIT``."""
+    qk = tl.dot(q_hi, k)
+    if QSPLIT:
+        qk = tl.dot(q_lo, k, qk)
+    return qk
 
 
 @triton.jit
@@ -67,7 +70,7 @@ def _dca_decode_split_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -122,12 +125,12 @@ def _dca_decode_split_kernel(
         k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
         if (t + 1) * BLOCK_N <= inter_pos_end:
-            qk = _scores(qi_hi, qi_lo, k)
+            qk = _scores(qi_hi, qi_lo, k, QSPLIT)
         else:
             gap = qc[:, None] - (kpos // chunk_len)[None, :]
-            qk = _scores(qa_hi, qa_lo, k)
-            qk = tl.where(gap == 1, _scores(qb_hi, qb_lo, k), qk)
-            qk = tl.where(gap >= 2, _scores(qi_hi, qi_lo, k), qk)
+            qk = _scores(qa_hi, qa_lo, k, QSPLIT)
+            qk = tl.where(gap == 1, _scores(qb_hi, qb_lo, k, QSPLIT), qk)
+            qk = tl.where(gap >= 2, _scores(qi_hi, qi_lo, k, QSPLIT), qk)
         visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -200,6 +203,12 @@ def _decode_config() -> tuple[int, int, int, int]:
     return 128, 8, 2, 2  # best of bench_attention.py --tune-decode on an H100 (graph replays, 16k and 128k)
 
 
+def query_split() -> bool:
+    """Whether the score dots take each rotated query as bf16 ``hi + lo`` (default) or as one rounded tile
+    (``CHUNKLLAMA_DECODE_QSPLIT=0``: the kernel as it was before the split, e.g. for A/B timing)."""
+    return os.environ.get("CHUNKLLAMA_DECODE_QSPLIT", "1") != "0"
+
+
 def decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
     """Packed query rows per KV head (``groups * Tq``) rounded up to a power of two, at least 16."""
     return max(16, 1 << ((q_heads // kv_heads) * q_len - 1).bit_length())
@@ -231,7 +240,8 @@ def _launch(
         query, key, value, o_part, l_part, query_positions, key_positions, inv_freq,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         q_len, kv_len, kv_heads, groups, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=query_split(),
+        num_warps=warps, num_stages=stages,
     )
     _dca_decode_merge_kernel[(batch * kv_heads, groups * q_len)](
         o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,

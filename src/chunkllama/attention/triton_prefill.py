@@ -39,15 +39,14 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
-QSPLIT_DEFAULT = True
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
 def _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale,
-              HEAD_DIM: tl.constexpr):
+              DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Rows ``offs_m`` of ``q_head`` rotated at per-row positions ``rot_pos`` (cos/sin gathered from the
-    ``(chunk_size+1, D/2)`` fp32 tables, times ``attn_scaling``), pre-scaled by ``qk_scale``, in fp32.
+    ``(chunk_size+1, D/2)`` fp32 tables, times ``attn_scaling``), pre-scaled by ``qk_scale``.
     Pointer tiles are built here so that none stays live across the key loops."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_d = tl.arange(0, HEAD_DIM)
@@ -59,46 +58,20 @@ def _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scali
     t_off = rot_pos[:, None] * HALF + (offs_d % HALF)[None, :]
     cos = tl.load(Cos + t_off) * attn_scaling
     sin = tl.load(Sin + t_off) * attn_scaling
-    return (q * cos + sign[None, :] * q_sw * sin) * qk_scale
+    return ((q * cos + sign[None, :] * q_sw * sin) * qk_scale).to(DTYPE)
 
 
 @triton.jit
-def _split(q, DTYPE: tl.constexpr):
-    """fp32 ``q`` as ``hi + lo`` in ``DTYPE`` (``lo`` is ``hi``'s rounding error)."""
-    hi = q.to(DTYPE)
-    return hi, (q - hi.to(tl.float32)).to(DTYPE)
-
-
-@triton.jit
-def _scores(q, q_lo, k, QSPLIT: tl.constexpr):
-    """``q @ k`` in fp32; with ``QSPLIT`` also ``+ q_lo @ k`` (the query's rounding error)."""
-    qk = tl.dot(q, k)
-    if QSPLIT:
-        qk = tl.dot(q_lo, k, qk)
-    return qk
-
-
-@triton.jit
-def _staged_query_at(q_head, stride_qm, o_head, stride_om, lo_head, offs_m, row_mask, rot_pos, Cos, Sin,
-                     attn_scaling, qk_scale, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, QSPLIT: tl.constexpr):
-    """:func:`_query_at` in ``DTYPE``, written to this block's rows of the output and read back: a tile
-    loaded from memory feeds the tensor cores from shared memory instead of occupying registers
-    through the loop. With ``QSPLIT`` its rounding error goes the same way through ``lo_head`` (rows
-    laid out as the output's); returns ``(hi, lo)`` (``lo`` is ``hi`` without ``QSPLIT``)."""
-    hi, lo = _split(_query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale,
-                              HEAD_DIM), DTYPE)
-    rows = offs_m[:, None] * stride_om + tl.arange(0, HEAD_DIM)[None, :]
+def _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling,
+                     qk_scale, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """:func:`_query_at`, written to this block's rows of the output and read back: a tile loaded from
+    memory feeds the tensor cores from shared memory instead of occupying registers through the loop."""
+    q = _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+    o_ptrs = o_head + offs_m[:, None] * stride_om + tl.arange(0, HEAD_DIM)[None, :]
     tl.debug_barrier()  # every warp is done with the previous staged query
-    tl.store(o_head + rows, hi, mask=row_mask[:, None])
-    if QSPLIT:
-        tl.store(lo_head + rows, lo, mask=row_mask[:, None])
+    tl.store(o_ptrs, q, mask=row_mask[:, None])
     tl.debug_barrier()
-    hi = tl.load(o_head + rows, mask=row_mask[:, None], other=0.0)
-    if QSPLIT:
-        lo = tl.load(lo_head + rows, mask=row_mask[:, None], other=0.0)
-    else:
-        lo = hi
-    return hi, lo
+    return tl.load(o_ptrs, mask=row_mask[:, None], other=0.0)
 
 
 @triton.jit
@@ -125,28 +98,28 @@ def _softmax_step_masked(acc, l_i, m_i, qk, v):
 
 
 @triton.jit
-def _pure_phase(acc, l_i, m_i, q, q_lo, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi,
-                offs_n, offs_d, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr):
+def _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi,
+                offs_n, offs_d, BLOCK_N: tl.constexpr):
     """Key tiles ``[t_lo, t_hi)`` (in position units of BLOCK_N), all visible to every row, one rotation."""
     for t in range(t_lo, t_hi):
         kidx = koff + t * BLOCK_N + offs_n
         k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None])
-        qk = _scores(q, q_lo, k, QSPLIT)
+        qk = tl.dot(q, k)
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :])
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _diagonal_phase(acc, l_i, m_i, q, q_lo, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi, Tk, qpos,
-                    offs_n, offs_d, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr):
+def _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi, Tk, qpos,
+                    offs_n, offs_d, BLOCK_N: tl.constexpr):
     """Intra-chunk key tiles ``[t_lo, t_hi)`` with the causal mask by position."""
     for t in range(t_lo, t_hi):
         kpos = t * BLOCK_N + offs_n
         kidx = koff + kpos
         kmask = kidx < Tk
         k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
-        qk = _scores(q, q_lo, k, QSPLIT)
+        qk = tl.dot(q, k)
         visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
@@ -156,14 +129,14 @@ def _diagonal_phase(acc, l_i, m_i, q, q_lo, k_base, v_base, stride_kn, stride_vn
 
 @triton.jit
 def _dca_prefill_kernel(
-    Q, K, V, Out, QLo, QPos, KPos, Cos, Sin,
+    Q, K, V, Out, QPos, KPos, Cos, Sin,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_qpb, stride_kpb,
     Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     num_m = tl.cdiv(Tq, BLOCK_M)
     start_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
@@ -185,7 +158,6 @@ def _dca_prefill_kernel(
 
     q_head = Q + b * stride_qb + h * stride_qh
     o_head = Out + b * stride_ob + h * stride_oh
-    lo_head = QLo + b * stride_ob + h * stride_oh  # same layout as Out
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -206,10 +178,10 @@ def _dca_prefill_kernel(
         # Phase 1: tiles wholly inside chunks <= c_lo - 2 (inter for every row of the block).
         inter_end = (tl.maximum(c_lo - 1, 0) * chunk_len) // BLOCK_N
         if inter_end > 0:
-            q, ql = _staged_query_at(q_head, stride_qm, o_head, stride_om, lo_head, offs_m, row_in, pos_inter,
-                                       Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM, QSPLIT)
-            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, ql, k_base, v_base, stride_kn, stride_vn, koff, 0,
-                                        inter_end, offs_n, offs_d, BLOCK_N, QSPLIT)
+            q = _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_in, pos_inter, Cos, Sin,
+                                 attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, 0, inter_end,
+                                        offs_n, offs_d, BLOCK_N)
         last_tile = q_hi // BLOCK_N + 1
         if (c_lo == c_hi) & (chunk_len % BLOCK_N == 0):
             tiles_per_chunk = chunk_len // BLOCK_N
@@ -217,17 +189,17 @@ def _dca_prefill_kernel(
             intra_lo = c_lo * tiles_per_chunk
             diag_lo = (q_lo + 1) // BLOCK_N
             if intra_lo > succ_lo:  # Phase 2: the previous chunk
-                q, ql = _staged_query_at(q_head, stride_qm, o_head, stride_om, lo_head, offs_m, row_in, pos_succ,
-                                           Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM, QSPLIT)
-                acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, ql, k_base, v_base, stride_kn, stride_vn, koff,
-                                            succ_lo, intra_lo, offs_n, offs_d, BLOCK_N, QSPLIT)
-            q, ql = _staged_query_at(q_head, stride_qm, o_head, stride_om, lo_head, offs_m, row_in, pos_intra,
-                                       Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM, QSPLIT)
+                q = _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_in, pos_succ, Cos, Sin,
+                                     attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+                acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
+                                            succ_lo, intra_lo, offs_n, offs_d, BLOCK_N)
+            q = _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_in, pos_intra, Cos, Sin,
+                                 attn_scaling, qk_scale, DTYPE, HEAD_DIM)
             # Phase 3: own chunk, before the block's first query.  Phase 4: the diagonal, masked.
-            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, ql, k_base, v_base, stride_kn, stride_vn, koff,
-                                        intra_lo, diag_lo, offs_n, offs_d, BLOCK_N, QSPLIT)
-            acc, l_i, m_i = _diagonal_phase(acc, l_i, m_i, q, ql, k_base, v_base, stride_kn, stride_vn, koff,
-                                            diag_lo, last_tile, Tk, qpos, offs_n, offs_d, BLOCK_N, QSPLIT)
+            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
+                                        intra_lo, diag_lo, offs_n, offs_d, BLOCK_N)
+            acc, l_i, m_i = _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
+                                            diag_lo, last_tile, Tk, qpos, offs_n, offs_d, BLOCK_N)
         else:
             # General tiles: per-element relation, one dot per rotation.
             qc = qpos_c // chunk_len
@@ -237,15 +209,15 @@ def _dca_prefill_kernel(
                 kmask = kidx < Tk
                 k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
                 gap = qc[:, None] - (kpos // chunk_len)[None, :]
-                qa, qa_lo = _split(_query_at(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling,
-                                             qk_scale, HEAD_DIM), DTYPE)
-                qk = _scores(qa, qa_lo, k, QSPLIT)
-                qb, qb_lo = _split(_query_at(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling,
-                                             qk_scale, HEAD_DIM), DTYPE)
-                qk = tl.where(gap == 1, _scores(qb, qb_lo, k, QSPLIT), qk)
-                qi, qi_lo = _split(_query_at(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling,
-                                             qk_scale, HEAD_DIM), DTYPE)
-                qk = tl.where(gap >= 2, _scores(qi, qi_lo, k, QSPLIT), qk)
+                qa = _query_at(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling, qk_scale,
+                              DTYPE, HEAD_DIM)
+                qk = tl.dot(qa, k)
+                qb = _query_at(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling, qk_scale,
+                              DTYPE, HEAD_DIM)
+                qk = tl.where(gap == 1, tl.dot(qb, k), qk)
+                qi = _query_at(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling, qk_scale,
+                              DTYPE, HEAD_DIM)
+                qk = tl.where(gap >= 2, tl.dot(qi, k), qk)
                 visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
                 qk = tl.where(visible, qk, float("-inf"))
                 v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
@@ -282,13 +254,6 @@ def _config(head_dim: int) -> tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
-def query_split(default: bool = QSPLIT_DEFAULT) -> bool:
-    """Whether the score dots take the rotated query as ``hi + lo`` (two dots, fp32-exact query) or as one
-    rounded tile; ``CHUNKLLAMA_PREFILL_QSPLIT=0/1`` overrides (benchmarks)."""
-    env = os.environ.get("CHUNKLLAMA_PREFILL_QSPLIT")
-    return default if not env else env == "1"
-
-
 def _launch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query_positions: torch.Tensor, key_positions: torch.Tensor,
@@ -299,22 +264,20 @@ def _launch(
     kv_heads, kv_len = key.shape[1], key.shape[2]
     # (B, T, H, D) in memory, as SDPA-flash returns it: the model's transpose + reshape is then free.
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
-    qsplit = query_split()
-    q_lo = torch.empty_like(out) if qsplit else out  # staging rows of the queries' low parts
     # cos/sin of every rotation position 0..chunk_size, computed as rope.py does (fp32 angles).
     angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
     block_m, block_n, warps, stages = _config(head_dim)
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _dca_prefill_kernel[grid](
-        query, key, value, out, q_lo, query_positions, key_positions, cos_table, sin_table,
+        query, key, value, out, query_positions, key_positions, cos_table, sin_table,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         query_positions.stride(0), key_positions.stride(0),
         q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=qsplit, num_warps=warps, num_stages=stages,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )
     return out
 
