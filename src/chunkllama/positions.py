@@ -147,10 +147,17 @@ class StepPositions:
     query: torch.Tensor
     offsets: torch.Tensor
     key_rotation: torch.Tensor
+    _keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def keys(self, kv_len: int) -> torch.Tensor:
-        """Positions of all ``kv_len`` keys in the cache after this step's update: int64 ``(B, kv_len)``."""
-        return positions_from_offsets(self.offsets, 0, kv_len)
+        """Positions of all ``kv_len`` keys in the cache after this step's update: int64 ``(B, kv_len)``.
+
+        Computed once per length and shared by every layer of the step (treat it as read-only).
+        """
+        found = self._keys.get(kv_len)
+        if found is None:
+            found = self._keys[kv_len] = positions_from_offsets(self.offsets, 0, kv_len)
+        return found
 
 
 def step_positions(
