@@ -9,9 +9,10 @@ Prompts: for every length and depth, a window of the PG19 books (a different win
 one planted fact ("The code word for the <place> is <WORD>.") at that depth of the text, then the
 question, all inside the model's chat template (user turn, generation prompt). Each prompt runs
 through ``model.generate`` (greedy, ``--new-tokens``) on the bf16 model with ``backend="reference"``
-and with ``backend="triton"`` for each ``--variants`` entry (``qsplit``: the prefill kernel splits the
-rotated query into two bf16 parts, ``single``: one bf16 tile; ``CHUNKLLAMA_PREFILL_QSPLIT`` selects it),
-and once through the fp32 model (reference path, prefill only). Reported per prompt: the max abs
+and with ``backend="triton"`` for each ``--variants`` entry (``qsplit``: the decode kernel takes the
+rotated query as bf16 hi + lo, the default; ``single``: one bf16 tile, ``CHUNKLLAMA_DECODE_QSPLIT=0``;
+the prompt's last-token logits come from the prefill kernel, the same in both), and once through the
+fp32 model (reference path, prefill only). Reported per prompt: the max abs
 error of the prompt's last-token logits against fp32, and whether Triton's greedy tokens equal the
 reference's; a prompt is *decisive* when the reference's top-2 logit gap exceeds ``--tie-gap`` at
 every generated step (then the answers must match), else a near-tie (reported apart).
@@ -127,7 +128,7 @@ def main() -> None:
                 "fp32_top1": int(fp32_logits.argmax()), "reference_top1": int(ref["last_logits"].argmax()),
             }
             for variant in args.variants:
-                os.environ["CHUNKLLAMA_PREFILL_QSPLIT"] = VARIANTS[variant]
+                os.environ["CHUNKLLAMA_DECODE_QSPLIT"] = VARIANTS[variant]
                 tri = run(model, ids, args.new_tokens, triton_backend)
                 first = next((i for i, (a, b) in enumerate(zip(ref["tokens"], tri["tokens"])) if a != b), None)
                 row[f"triton_{variant}_error"] = float((tri["last_logits"] - fp32_logits).abs().max())
@@ -135,7 +136,7 @@ def main() -> None:
                 row[f"triton_{variant}_same_tokens"] = first is None
                 row[f"triton_{variant}_first_difference"] = first
                 row[f"triton_{variant}_text"] = tokenizer.decode(tri["tokens"])
-            os.environ.pop("CHUNKLLAMA_PREFILL_QSPLIT", None)
+            os.environ.pop("CHUNKLLAMA_DECODE_QSPLIT", None)
             row["decisive"] = row["reference_min_gap"] > args.tie_gap
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_text")}), flush=True)
