@@ -166,9 +166,7 @@ def test_demo_on_a_tiny_model(tmp_path, capsys):
     assert "total" in out
 
 
-@pytest.mark.slow
-def test_demo_default_model_at_16k(capsys):
-    """The headline: at 2x SmolLM2's window plain RoPE misses the key and DCA finds it (minutes)."""
+def _require_default_model() -> None:
     pytest.importorskip("gguf")
     from chunkllama.models import default_gguf_path
 
@@ -176,8 +174,30 @@ def test_demo_default_model_at_16k(capsys):
         default_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+@pytest.mark.slow
+def test_demo_default_model_short(capsys):
+    """The real model through the whole demo at 4k tokens with a pretend 2k window (DCA over 4 chunks).
+
+    Inside SmolLM2's real 8k window plain RoPE reads the key too; the 16k test below shows it fail.
+    """
+    _require_default_model()
+    assert cli.main(["demo", "--length", "4k", "--pretraining-length", "2048"]) == 0
+    out = capsys.readouterr().out
+    assert "prompt: 4096 tokens (2.00x the 2048-token window)" in out
+    assert "plain RoPE: 1/1, DCA: 1/1" in out
+
+
+@pytest.mark.slow
+@pytest.mark.full_demo
+def test_demo_default_model_at_16k(capsys):
+    """The headline: at 2x SmolLM2's window plain RoPE misses the key and DCA finds it (minutes;
+    deselected by default, run with -m full_demo)."""
+    _require_default_model()
     assert cli.main(["demo"]) == 0
     out = capsys.readouterr().out
+    assert "prompt: 16384 tokens (2.00x the 8192-token window)" in out
     assert "plain RoPE: 0/1, DCA: 1/1" in out
 
 
@@ -186,7 +206,7 @@ def test_demo_default_model_at_16k(capsys):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--length", "12q"], ["--length 12q: not a length; accepted: "]),
-    (["--length", "0"], ["--length 0: a length must be positive"]),
+    (["--length", "0"], ["--length 0: not positive"]),
     (["--depth", "1.5"], ["--depth 1.5: outside 0..1; accepted: a number from 0 to 1"]),
     (["--trials", "0"], ["--trials 0: must be at least 1"]),
     (["--max-new-tokens", "many"], ["--max-new-tokens many: not a whole number"]),

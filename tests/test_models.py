@@ -256,18 +256,17 @@ def test_default_dtype():
 
 
 @pytest.mark.slow
-def test_default_model_loads_generates_and_caches(monkeypatch, tmp_path):
-    """Real SmolLM2-135M-Instruct: conversion, a sane greedy answer, and a cache hit the second time."""
+def test_default_model_loads_generates_and_caches(monkeypatch):
+    """Real SmolLM2-135M-Instruct: converted once into the user's cache (the first real-model test to run
+    pays that), a sane greedy answer, and a cache hit the second time. The conversion's atomicity and
+    retry are tested above without the real file."""
     pytest.importorskip("gguf")
     try:
         gguf = models.default_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    monkeypatch.setenv("CHUNKLLAMA_CACHE", str(tmp_path / "cache"))
 
-    start = time.perf_counter()
     model, tokenizer = models.load_model(device="cpu")
-    first = time.perf_counter() - start
     cache_dir = models.gguf_cache_dir(gguf)
     assert models.is_complete_cache(cache_dir)
     assert (cache_dir / "model.safetensors").is_file() and (cache_dir / "tokenizer.json").is_file()
@@ -281,12 +280,8 @@ def test_default_model_loads_generates_and_caches(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(models, "convert_gguf", lambda *a: calls.append(a))
-    start = time.perf_counter()
     again, _ = models.load_model(device="cpu")
-    second = time.perf_counter() - start
     assert calls == []  # served from the cache
-    assert second < first
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
-    print(f"first load (conversion) {first:.1f}s, cached load {second:.1f}s")
-    assert os.listdir(cache_dir.parent) == [cache_dir.name]
+    assert not [p for p in cache_dir.parent.iterdir() if p.name.startswith(f".{cache_dir.name}.tmp-")]

@@ -151,14 +151,14 @@ def _greedy(lm: Any, hidden: Any, cache: Any, n_new: int) -> list[int]:
 
 
 def _keep_first(cache: Any, keep: int) -> None:
-    """Truncate a HF cache to its first ``keep`` tokens (``crop`` changed meaning across transformers 5.x)."""
-    import inspect
+    """Truncate a HF cache to its first ``keep`` tokens.
 
-    total = int(cache.get_seq_length())
-    if "tokens_to_remove" in inspect.signature(cache.crop).parameters:
-        cache.crop(total - keep)
-    else:
-        cache.crop(keep)
+    ``crop``'s positive argument means "keep this many" in older transformers 5.x and is refused by
+    newer ones; a negative one means "remove this many" in both.
+    """
+    remove = int(cache.get_seq_length()) - keep
+    if remove > 0:
+        cache.crop(-remove)
     assert int(cache.get_seq_length()) == keep, (cache.get_seq_length(), keep)
 
 
@@ -170,12 +170,31 @@ def _decoder_layers(model: Any) -> list[Any]:
 
 @contextlib.contextmanager
 def _phase_bar(label: str, total: int) -> Iterator[Any]:
-    """A tqdm bar in tokens for one phase, left on screen; on a non-terminal, one line at the end."""
-    from tqdm.auto import tqdm
+    """Progress of one phase, in tokens: a tqdm bar left on screen on a terminal, else plain lines
+    (at every fifth of the way) that read well in a log file."""
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
 
-    interactive = sys.stderr.isatty()
-    with tqdm(total=total, desc=label, unit="tok", leave=True, disable=not interactive, dynamic_ncols=True) as bar:
-        yield bar
+        with tqdm(total=total, desc=label, unit="tok", leave=True, dynamic_ncols=True) as bar:
+            yield bar
+    else:
+        yield _LineProgress(label, total)
+
+
+class _LineProgress:
+    """``update(n)`` like tqdm's; prints ``label: done/total tokens (pct%), seconds`` every 20%."""
+
+    def __init__(self, label: str, total: int, steps: int = 5):
+        self.label, self.total, self.steps, self.done, self.shown = label, max(total, 1), steps, 0, 0
+        self.start = time.perf_counter()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        reached = min(self.steps, self.done * self.steps // self.total)
+        if reached > self.shown:
+            self.shown = reached
+            print(f"  {self.label}: {self.done}/{self.total} tokens ({100 * self.done // self.total}%), "
+                  f"{time.perf_counter() - self.start:.0f}s", flush=True)
 
 
 @contextlib.contextmanager

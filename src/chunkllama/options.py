@@ -49,7 +49,7 @@ def length(text: str | int) -> int:
     except ValueError:
         raise OptionError(raw or repr(raw), "not a length", LENGTH_ACCEPTED) from None
     if tokens <= 0:
-        raise OptionError(raw, "a length must be positive", LENGTH_ACCEPTED)
+        raise OptionError(raw, "not positive", LENGTH_ACCEPTED)
     return tokens
 
 
