@@ -280,3 +280,13 @@ def test_repeatable_and_checked_options():
     args = parser.parse_args(["many", "--file", "a", "--file", "b", "--length", "2k"])
     assert args.file == ["a", "b"] and args.length == 2048
     assert parser.parse_args(["many"]).file is None
+
+
+def test_registry_entries_are_imported_only_when_run(capsys):
+    commands = {"missing": "chunkllama_no_such_module:run", "eval ppl": cli.COMMANDS["eval ppl"]}
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"], commands=commands)  # lists both without importing either
+    assert exit_info.value.code == 0
+    assert cli.main(["missing"], commands=commands) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "chunkllama missing: error: this command needs chunkllama_no_such_module" in err

@@ -118,7 +118,8 @@ def _unpack(annotation: Any) -> tuple[Any, Callable[[str], Any] | None, bool]:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) != 1:
             raise TypeError(f"unsupported option type {annotation!r}")
-        return _unpack(args[0])[0], check, _unpack(args[0])[2]
+        base, _, repeatable = _unpack(args[0])
+        return base, check, repeatable
     if origin in (list, tuple, Sequence):
         (item, *_rest) = typing.get_args(annotation) or (str,)
         return item, check, True
@@ -295,7 +296,14 @@ def main(argv: Sequence[str] | None = None, commands: dict[str, str | Callable[.
     commands = COMMANDS if commands is None else commands
     name = selected_command(argv, list(commands))
     debug = _debug_requested(argv)
-    parser = build_parser(commands, only=name)
+    try:
+        parser = build_parser(commands, only=name)
+    except ImportError as exc:  # a command whose optional dependencies are not installed
+        if debug:
+            raise
+        print(f"{_prog(name)}: error: this command needs {exc.name or exc}, which is not installed "
+              f"(see the README for the install command)", file=sys.stderr)
+        return FAILURE
     args, extra = parser.parse_known_args(argv)
     if extra:
         sub = _find_subparser(parser, name)
