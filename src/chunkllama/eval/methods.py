@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from torch import nn
 
