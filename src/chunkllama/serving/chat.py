@@ -170,14 +170,19 @@ def _run(engine: Any, documents: list[Any], params: Any, *, system: str | None, 
     document_tokens = engine.count_tokens(text) if text is not None else 0
     print(status_line(engine, document_tokens, documents), file=sys.stderr)
     try:
-        with tqdm(total=0, desc="reading", unit="tok", file=sys.stderr, disable=not documents, leave=True) as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.n = done
-                bar.refresh()
+        bars: list[Any] = []
 
-            start = time.perf_counter()
+        def progress(done: int, total: int) -> None:
+            if not bars:
+                bars.append(tqdm(total=total, desc="reading", unit="tok", file=sys.stderr, disable=not documents))
+            bars[0].update(done - bars[0].n)
+
+        start = time.perf_counter()
+        try:
             conversation.prefill(progress)
+        finally:
+            for bar in bars:
+                bar.close()
         if documents:
             print(f"read {conversation.cached_tokens:,} tokens in {time.perf_counter() - start:.1f}s", file=sys.stderr)
     except ContextLimitError as error:
