@@ -35,6 +35,7 @@ from typing import Any, Callable, Sequence
 # `chunkllama group name`. The module is imported only when its command runs or shows its help.
 COMMANDS: dict[str, str | Callable[..., int | None]] = {
     "demo": "chunkllama.demo:demo",
+    "chat": "chunkllama.serving.chat:chat",
     "eval ppl": "chunkllama.eval.commands:eval_ppl",
     "eval passkey": "chunkllama.eval.commands:eval_passkey",
     "eval needle": "chunkllama.eval.commands:eval_needle",

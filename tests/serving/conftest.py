@@ -1,0 +1,48 @@
+"""Offline fixtures for the serving tests: a tiny byte-level BPE tokenizer with a chat template.
+
+The tokenizer is trained in-process (deterministic) on a few sentences; every string is
+encodable (byte-level alphabet), and characters outside the training text (accents, emoji)
+become several byte tokens, which is what the streaming tests need.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+_TRAINING_TEXT = [
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
+    "The pass key is 12345. Remember it. What is the pass key? The pass key is",
+    "You are a helpful assistant. Answer the question from the document. Question: Answer:",
+    "user assistant system document page chapter the of and to in a is that it was",
+]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_TRAINING_TEXT * 3, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_tokenizer()
