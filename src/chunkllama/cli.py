@@ -20,6 +20,7 @@ import typing
 from typing import Any, Callable, Iterator, Sequence
 
 from .eval.commands import eval_longqa, eval_needle, eval_passkey, eval_ppl
+from .serving.server import serve
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -144,6 +145,7 @@ COMMANDS: dict[str, Callable[..., int | None]] = {
     "eval passkey": eval_passkey,
     "eval needle": eval_needle,
     "eval longqa": eval_longqa,
+    "serve": serve,
 }
 
 
