@@ -296,31 +296,28 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
 
 
 def document_text(filename: str, data: bytes) -> str:
-    """Text of an uploaded file: PDF (text layer, with page markers) or UTF-8 text.
+    """Text of an uploaded file through :func:`.documents.load_document` (PDF with page markers, or UTF-8 text).
+
+    The bytes go to a private temporary file named like the upload (its suffix picks the format).
 
     Raises:
-        APIError: 400 for an unreadable, encrypted or image-only PDF, or text that is not UTF-8.
+        APIError: 400 for an empty, unreadable, encrypted or image-only PDF, or text that is not UTF-8.
     """
-    if filename.lower().endswith(".pdf") or data[:5] == b"%PDF-":
-        import io
+    import re
+    import tempfile
 
-        from pypdf import PdfReader
-        from pypdf.errors import PdfReadError
+    from .documents import DocumentError, load_document
 
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(filename).name) or "document.txt"
+    if data[:5] == b"%PDF-" and not name.lower().endswith(".pdf"):
+        name += ".pdf"
+    with tempfile.TemporaryDirectory(prefix="chunkllama-upload-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
         try:
-            reader = PdfReader(io.BytesIO(data))
-            if reader.is_encrypted:
-                raise APIError(400, f"{filename}: the PDF is encrypted; upload an unencrypted copy.")
-            pages = [(page.extract_text() or "").strip() for page in reader.pages]
-        except (PdfReadError, ValueError, KeyError) as exc:
-            raise APIError(400, f"{filename}: not a readable PDF ({exc}).") from None
-        if not any(pages):
-            raise APIError(400, f"{filename}: the PDF has no text layer (scanned images?); run OCR first.")
-        return "\n\n".join(f"[page {i}]\n{text}" for i, text in enumerate(pages, 1) if text)
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise APIError(400, f"{filename}: not UTF-8 text (and not a PDF).") from None
+            return load_document(path).text
+        except DocumentError as exc:
+            raise APIError(400, str(exc).replace(str(path), filename), param="body", code="bad_document") from None
 
 
 def serve(
