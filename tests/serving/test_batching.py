@@ -102,6 +102,22 @@ def test_batched_greedy_equals_each_request_alone(engine, model):
     assert engine.metrics()["mean_batch"] > 1.5  # really batched
 
 
+def test_short_prompts_arriving_together_prefill_in_one_batch(model, tokenizer):
+    """Whole short prompts (1 and 2 tokens too: their pads tie with them at position 1) read in one
+    left-padded forward give the same greedy answers as alone."""
+    eng = BatchedEngine(model, tokenizer, max_batch=8, prefill_chunk=256, eos_token_ids=())
+    prompts = [prompt(n, seed=100 + n) for n in (1, 2, 5, 12, 30, 41)]
+    collectors = [run(eng, p, 16) for p in prompts]  # queued before the worker starts: one prefill group
+    eng.start()
+    try:
+        for p, col in zip(prompts, collectors):
+            assert list(col.final.token_ids) == greedy_alone(model, p, 16), len(p)
+        stats = eng.metrics()
+        assert stats["prompt_tokens"] == sum(map(len, prompts)) and stats["decode_steps"] == 15  # one prefill forward, then 15 steps
+    finally:
+        eng.stop()
+
+
 def test_request_joins_a_running_batch(engine, model):
     long_col = run(engine, prompt(30, seed=1), 60)
     while not any(isinstance(e, Delta) for e in long_col.events):

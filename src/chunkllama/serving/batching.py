@@ -8,7 +8,9 @@ How a step works (all on the worker thread; the model is only ever touched there
    tokens into its own single-row ``DynamicCache`` (chunked prefill: activation memory bounded by
    the piece, and running sequences keep decoding between pieces of a long document). Its first
    tokens come from the :class:`PrefixCache` when a stored sequence shares a prefix with it.
-   When its prompt is done, its first token is sampled and it joins the batch.
+   Short prompts with nothing cached that arrive together are read in one left-padded forward
+   (up to ``prefill_chunk`` padded tokens). When a prompt is done, its first token is sampled and
+   the sequence joins the batch.
 3. **Decode**: one forward of ``(B, 1)`` tokens over the batch cache.
 
 The batch cache is one ``DynamicCache`` whose rows are **left-padded** to the longest row: row
@@ -398,10 +400,11 @@ class BatchedEngine:
                     if not (self._prefilling or self._active):
                         self._wake.wait(timeout=0.5)
                         continue
-                    prefill = self._prefilling[0] if self._prefilling else None
+                    pending = list(self._prefilling)
                 tick = time.monotonic()
-                if prefill is not None:
-                    self._guarded([prefill], self._prefill_piece, prefill)
+                if pending:
+                    group = self._prefill_group(pending)
+                    self._guarded(group, self._prefill, group)
                 with self._lock:
                     rows = list(self._active)
                 if rows:
@@ -447,28 +450,77 @@ class BatchedEngine:
         out = self.model(ids.to(self.device), None, positions.to(self.device), cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
-    def _prefill_piece(self, seq: _Sequence) -> None:
+    def _open(self, seq: _Sequence) -> None:
+        """Give a sequence starting its prefill its own cache, seeded from the prefix cache when it can be."""
+        seq.cache = DynamicCache()
         total = len(seq.prompt)
-        if seq.cache is None:
-            seq.cache = DynamicCache()
-            reuse, kv = self.prefix_cache.lookup(seq.prompt, limit=total - 1) if self.prefix_cache.budget_bytes else (0, None)
-            if kv is not None:
-                for layer, (k, v) in enumerate(kv):
-                    seq.cache.update(k, v, layer)
-            seq.fed = seq.cached_tokens = reuse
-        end = min(total, seq.fed + self.prefill_chunk)
-        ids = torch.tensor([seq.prompt[seq.fed:end]], dtype=torch.long)
-        positions = torch.arange(seq.fed, end, dtype=torch.long).unsqueeze(0)
-        logits = self._forward(ids, positions, seq.cache)
-        seq.fed = end
-        _emit(seq, Progress(end, total))
-        if end < total:
+        reuse, kv = self.prefix_cache.lookup(seq.prompt, limit=total - 1) if self.prefix_cache.budget_bytes else (0, None)
+        if kv is not None:
+            for layer, (k, v) in enumerate(kv):
+                seq.cache.update(k, v, layer)
+        seq.fed = seq.cached_tokens = reuse
+
+    def _prefill_group(self, pending: list[_Sequence]) -> list[_Sequence]:
+        """Who prefills this step: the oldest prefilling sequence, joined by other sequences whose whole
+        prompt fits one piece and has nothing cached, while the padded batch stays within ``prefill_chunk``
+        tokens (many short prompts arriving together are read in one forward)."""
+        for seq in pending:
+            if seq.cache is None:
+                self._open(seq)
+        head = pending[0]
+        if not self._fresh_and_short(head):
+            return [head]
+        group = [head]
+        for seq in pending[1:]:
+            longest = max(len(s.prompt) for s in [*group, seq])
+            if self._fresh_and_short(seq) and longest * (len(group) + 1) <= self.prefill_chunk:
+                group.append(seq)
+        return group
+
+    def _fresh_and_short(self, seq: _Sequence) -> bool:
+        return seq.fed == 0 and len(seq.prompt) <= self.prefill_chunk
+
+    def _prefill(self, group: list[_Sequence]) -> None:
+        """One prefill forward: the next piece of one prompt, or several whole short prompts left-padded."""
+        if len(group) == 1:
+            seq = group[0]
+            total = len(seq.prompt)
+            end = min(total, seq.fed + self.prefill_chunk)
+            ids = torch.tensor([seq.prompt[seq.fed:end]], dtype=torch.long)
+            positions = torch.arange(seq.fed, end, dtype=torch.long).unsqueeze(0)
+            logits = self._forward(ids, positions, seq.cache)
+            seq.fed = end
+            _emit(seq, Progress(end, total))
+            if end == total:
+                self._prefilled(seq, logits)
             return
+        # Left-padded batch of whole prompts; pads get position 1 (as `generate` gives them), so each
+        # row's real tokens are the contiguous run at its end and DCA masks the pads.
+        length = max(len(seq.prompt) for seq in group)
+        ids = torch.zeros(len(group), length, dtype=torch.long)
+        positions = torch.ones(len(group), length, dtype=torch.long)
+        for row, seq in enumerate(group):
+            n = len(seq.prompt)
+            ids[row, length - n:] = torch.tensor(seq.prompt)
+            positions[row, length - n:] = torch.arange(n)
+        cache = DynamicCache()
+        logits = self._forward(ids, positions, cache)
+        for row, seq in enumerate(group):
+            pad = length - len(seq.prompt)
+            seq.cache = DynamicCache()
+            for layer, kv in enumerate(cache.layers):
+                seq.cache.update(kv.keys[row:row + 1, :, pad:], kv.values[row:row + 1, :, pad:], layer)
+            seq.fed = len(seq.prompt)
+            _emit(seq, Progress(seq.fed, seq.fed))
+            self._prefilled(seq, logits[row:row + 1])
+
+    def _prefilled(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The prompt is in the cache: sample the first token and move the sequence to the batch."""
         seq.first_token = time.monotonic()
         token = int(next_tokens(logits, seq.params, seq.generator)[0])
         with self._lock:
             self._prefilling.remove(seq)
-            self._stats.prompt_tokens += total
+            self._stats.prompt_tokens += len(seq.prompt)
             self._stats.cached_tokens += seq.cached_tokens
         if self._accept(seq, token):
             with self._lock:

@@ -334,6 +334,7 @@ def serve(
     prefix_cache_gb: float = 2.0,
     device: str | None = None,
     model_name: str | None = None,
+    threads: int | None = None,
 ) -> int:
     """Serve a model with DCA behind an OpenAI-compatible API and a web page.
 
@@ -358,6 +359,7 @@ def serve(
         prefix_cache_gb: memory for the KV of recent prompts, reused when a prompt shares their prefix (0: off).
         device: cpu or cuda; default: cuda when available.
         model_name: the model id clients pass; default: the model's name or directory name.
+        threads: CPU threads for torch (default: torch's choice); 1 helps on a small, busy CPU.
     """
     import uvicorn
 
@@ -366,6 +368,10 @@ def serve(
     from .batching import BatchedEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     lm, tokenizer = load_model(model, device=device)
     apply_dca(lm, pretraining_length)
     config = get_dca_config(lm)
