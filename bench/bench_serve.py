@@ -10,7 +10,7 @@ Phases (greedy, streaming, official ``openai`` client, loopback):
 4. the same follow-ups on a server started with the prefix cache off: TTFT without it.
 
     python bench/bench_serve.py --model PATH.gguf --data ../shared/data --out bench/results   # GPU: 8 x 32k
-    python bench/bench_serve.py --data ../shared/data --clients 2 --doc-tokens 2048 --max-tokens 8 --device cpu --out /tmp/serve
+    python bench/bench_serve.py --data ../shared/data --clients 2 --doc-tokens 2048 --max-tokens 8 --device cpu --threads 1 --out /tmp/serve
 """
 
 from __future__ import annotations
@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--device", default=None)
     parser.add_argument("--prefix-cache-gb", type=float, default=24.0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in the server")
     args = parser.parse_args(argv)
     import openai
 
@@ -105,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         base_args += ["--model", args.model]
     if args.device:
         base_args += ["--device", args.device]
+    if args.threads:
+        base_args += ["--threads", str(args.threads)]
     logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
 
     def client_for(base):

@@ -152,7 +152,7 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
                  final.completion_tokens, final.finish_reason, final.queue_s, final.prefill_s, final.decode_s,
                  time.monotonic() - started)
 
-    async def run_request(prompt_ids: list[int], req: Any, request_id: str, chat: bool) -> Any:
+    async def run_request(http_request: Request, prompt_ids: list[int], req: Any, request_id: str, chat: bool) -> Any:
         from .batching import Delta as TextDelta, Failed, Finished, Progress as Read
 
         started = time.monotonic()
@@ -167,7 +167,13 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
         if not req.stream:
             try:
                 while True:
-                    event = await events.get()
+                    try:
+                        event = await asyncio.wait_for(events.get(), timeout=1.0)
+                    except asyncio.TimeoutError:
+                        if await http_request.is_disconnected():  # nobody waits for this answer any more
+                            log.info("%s cancelled prompt=%d (client disconnected)", request_id, len(prompt_ids))
+                            raise APIError(499, "client disconnected") from None
+                        continue
                     if isinstance(event, Failed):
                         raise APIError(500, f"Generation failed: {event.message}", type="server_error")
                     if isinstance(event, Finished):
@@ -239,17 +245,17 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
     # --- routes --------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions", dependencies=guarded)
-    async def chat_completions(req: ChatCompletionRequest) -> Any:
+    async def chat_completions(req: ChatCompletionRequest, http_request: Request) -> Any:
         check_model(req.model)
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"The model {model_name!r} has no chat template; use POST /v1/completions with a "
                                 "plain prompt instead.", code="no_chat_template")
         text = tokenizer.apply_chat_template(req.conversation(), tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        return await run_request(prompt_ids, req, new_id("chatcmpl"), chat=True)
+        return await run_request(http_request, prompt_ids, req, new_id("chatcmpl"), chat=True)
 
     @app.post("/v1/completions", dependencies=guarded)
-    async def completions(req: CompletionRequest) -> Any:
+    async def completions(req: CompletionRequest, http_request: Request) -> Any:
         check_model(req.model)
         prompt = req.prompt_text_or_ids()
         if isinstance(prompt, str):
@@ -260,7 +266,7 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
             if bad:
                 raise APIError(400, f"prompt token ids must be in [0, {vocab}); got {bad[:5]}", param="prompt")
             prompt_ids = list(prompt)
-        return await run_request(prompt_ids, req, new_id("cmpl"), chat=False)
+        return await run_request(http_request, prompt_ids, req, new_id("cmpl"), chat=False)
 
     @app.get("/v1/models", dependencies=guarded)
     async def models() -> ModelList:
