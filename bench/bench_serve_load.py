@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     summary["speedup"] = round(summary["concurrent"]["tokens_per_s"] / summary["one_at_a_time"]["tokens_per_s"], 2)
     results_json = {"summary": summary, "environment": environment(), "model": model,
                     "command": "python bench/bench_serve_load.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "requests": [{"messages": m, "concurrent": {k: v for k, v in r.items() if k not in ("start", "first", "end")},
-                                  "alone": {k: v for k, v in a.items() if k not in ("start", "first", "end")}}
+                    "requests": [{"messages": m, "concurrent": {k: v for k, v in r.items() if k not in ("start", "first", "end", "arrivals")},
+                                  "alone": {k: v for k, v in a.items() if k not in ("start", "first", "end", "arrivals")}}
                                  for m, r, a in zip(requests, results, alone)]}
     c, s = summary["concurrent"], summary["one_at_a_time"]
     markdown = f"""# `chunkllama serve` under load ({model}, {args.device})

@@ -63,6 +63,7 @@ def stream_chat(client: Any, model: str, messages: list[dict[str, str]], max_tok
     """One greedy streaming chat request; times in seconds from the request's start (wall clock)."""
     start = time.perf_counter()
     first = None
+    arrivals: list[float] = []
     parts: list[str] = []
     usage = None
     try:
@@ -73,7 +74,8 @@ def stream_chat(client: Any, model: str, messages: list[dict[str, str]], max_tok
                 usage = chunk.usage
             for choice in chunk.choices:
                 if choice.delta.content:
-                    first = first if first is not None else time.perf_counter()
+                    arrivals.append(time.perf_counter())
+                    first = first if first is not None else arrivals[-1]
                     parts.append(choice.delta.content)
         error = None
     except Exception as exc:  # noqa: BLE001 - reported, counted as an error
@@ -83,7 +85,7 @@ def stream_chat(client: Any, model: str, messages: list[dict[str, str]], max_tok
     if usage is not None and usage.prompt_tokens_details is not None:
         cached = usage.prompt_tokens_details.cached_tokens or 0
     return {
-        "text": "".join(parts), "error": error, "start": start, "first": first, "end": end,
+        "text": "".join(parts), "error": error, "start": start, "first": first, "end": end, "arrivals": arrivals,
         "ttft_s": (first - start) if first else None, "total_s": end - start,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None, "cached_tokens": cached,
