@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--file", type=Path, default=None, help="PDF or text file to upload")
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--characters", type=int, default=40000, help="book characters in the generated PDF")
-    parser.add_argument("--question", default="Who is dead, according to the young man who came to the office?")
+    parser.add_argument("--question", action="append", default=None,
+                        help="question to ask (repeat for follow-ups); default: two questions on the book")
     parser.add_argument("--max-tokens", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("docs/serve_web.png"))
     parser.add_argument("--threads", type=int, default=None)
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     server_args = (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
     proc, base = start_server(server_args, work / "server.log")
     try:
-        page = drive(base + "/", document, args.question, args.out, max_tokens=args.max_tokens, timeout=1200)
+        questions = args.question or ["What is the name of the law firm where the narrator works?",
+                                      "Who has died, according to the young man?"]
+        page = drive(base + "/", document, questions, args.out, max_tokens=args.max_tokens, timeout=1500)
     finally:
         stop_server(proc)
     print(page["stats"], "|", page["answer"], "|", page["footer"], page["errors"] or "")

@@ -53,8 +53,9 @@ def open_browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def drive(url: str, document: Path, question: str, screenshot: Path, max_tokens: int = 24, timeout: float = 120) -> dict:
-    """Load the page at ``url``, upload ``document``, ask ``question``; return what the page shows."""
+def drive(url: str, document: Path, question: str | list[str], screenshot: Path, max_tokens: int = 24, timeout: float = 120) -> dict:
+    """Load the page at ``url``, upload ``document``, ask ``question`` (or several, in turn); return
+    what the page shows (the last answer)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -69,17 +70,21 @@ def drive(url: str, document: Path, question: str, screenshot: Path, max_tokens:
         document_text = browser.find_element(By.ID, "document").get_property("value")
         # the answer length sits in the folded "Settings" box: set it directly
         browser.execute_script("document.getElementById('max-tokens').value = arguments[0]", str(max_tokens))
-        browser.find_element(By.ID, "question").send_keys(question)
-        browser.find_element(By.ID, "send").click()
-        wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.assistant.done, .msg.error"))
+        questions = [question] if isinstance(question, str) else list(question)
+        for turn, text in enumerate(questions, 1):
+            browser.find_element(By.ID, "question").send_keys(text)
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) >= turn
+                       or b.find_elements(By.CSS_SELECTOR, ".msg.error"))
         errors = browser.find_elements(By.CSS_SELECTOR, ".msg.error")
-        answer = browser.find_element(By.CSS_SELECTOR, ".msg.assistant.done") if not errors else None
+        answer = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")[-1] if not errors else None
         shown = browser.execute_script("return arguments[0].firstChild.textContent", answer) if answer else None
         footer = answer.find_element(By.CSS_SELECTOR, ".stats").text if answer else None
+        progress_hidden = not browser.find_element(By.ID, "progress").is_displayed()
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(str(screenshot))
         return {"stats": stats, "document": document_text, "answer": shown, "footer": footer,
-                "errors": [e.text for e in errors]}
+                "errors": [e.text for e in errors], "progress_hidden": progress_hidden}
     finally:
         browser.quit()
 
@@ -108,6 +113,7 @@ def test_page_uploads_a_pdf_and_streams_the_answer(web_server):
     assert status == 200
     text = expected["choices"][0]["message"]["content"]
     assert page["answer"] == text and "first token" in page["footer"] and "24 answer tokens" in page["footer"]
+    assert page["progress_hidden"]
     assert shot.stat().st_size > 10_000
 
 
