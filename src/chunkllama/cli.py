@@ -20,6 +20,7 @@ import typing
 from typing import Any, Callable, Iterator, Sequence
 
 from .eval.commands import eval_longqa, eval_needle, eval_passkey, eval_ppl
+from .serving.chat import chat
 from .serving.server import serve
 
 
@@ -145,6 +146,7 @@ COMMANDS: dict[str, Callable[..., int | None]] = {
     "eval passkey": eval_passkey,
     "eval needle": eval_needle,
     "eval longqa": eval_longqa,
+    "chat": chat,
     "serve": serve,
 }
 
@@ -196,7 +198,10 @@ def add_command(subparsers: Any, name: str, func: Callable[..., Any]) -> argpars
         kind, _ = _scalar_type(hints[param.name])
         flag = "--" + param.name.replace("_", "-")
         text = helps.get(param.name, "")
-        if kind is bool:
+        if typing.get_origin(kind) in (list, tuple):  # list[X] / tuple[X, ...]: one or more values, repeatable
+            item = typing.get_args(kind)[0]
+            parser.add_argument(flag, type=item, nargs="+", action="extend", default=param.default, help=text)
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=text)
         elif param.default is inspect.Parameter.empty:
             parser.add_argument(flag, type=kind, required=True, help=text)

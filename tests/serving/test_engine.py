@@ -191,3 +191,19 @@ def test_bad_engine_arguments(tokenizer):
         Engine(model, tokenizer, prefill_chunk=0)
     with pytest.raises(ValueError, match="max_context must be an integer >= 2"):
         Engine(model, tokenizer, max_context=1)
+
+
+def test_answer_prefix_starts_the_answer_and_the_model_continues_it(tokenizer):
+    model = dca_model(tokenizer)
+    conv = Engine(model, tokenizer).conversation(document=DOCUMENT)
+    prefix = "The pass key is"
+    ids = conv.prompt_ids(Q1, prefix)
+    assert tokenizer.decode(ids).endswith("<|im_start|>assistant\nThe pass key is")
+    deltas = list(conv.stream(Q1, SamplingParams(max_new_tokens=5), answer_prefix=prefix))
+    result = conv.last
+    assert deltas[0] == prefix and "".join(deltas) == result.text
+    assert result.text == prefix + tokenizer.decode(result.token_ids, skip_special_tokens=True)
+    with torch.inference_mode():
+        first = model(input_ids=torch.tensor([ids])).logits[0, -1].argmax().item()
+    assert result.token_ids[0] == first and result.prompt_tokens == len(ids)
+    assert conv.history[-1] == {"role": "assistant", "content": result.text}

@@ -230,9 +230,10 @@ class Conversation:
         system = [{"role": "system", "content": self.system}] if self.system is not None else []
         return system + turns
 
-    def prompt_ids(self, question: str) -> list[int]:
-        """The token ids the model reads before answering ``question``."""
-        return self.engine.encode(self.engine.render(self.messages(question), add_generation_prompt=True))
+    def prompt_ids(self, question: str, answer_prefix: str | None = None) -> list[int]:
+        """The token ids the model reads before answering ``question`` (and the answer's given start)."""
+        rendered = self.engine.render(self.messages(question), add_generation_prompt=True)
+        return self.engine.encode(rendered + (answer_prefix or ""))
 
     def prefill(self, progress: Progress | None = None) -> int:
         """Read everything known before the next question (the document, on the first turn) into the cache.
@@ -247,20 +248,32 @@ class Conversation:
         self._run(ids, reuse, progress)
         return len(self._cached)
 
-    def next_token_logits(self, question: str, progress: Progress | None = None) -> torch.Tensor:
+    def next_token_logits(
+        self, question: str, progress: Progress | None = None, *, answer_prefix: str | None = None
+    ) -> torch.Tensor:
         """Prefill the prompt for ``question`` (reusing the cache) and return the next-token logits.
 
         ``(vocab,)`` fp32. The question is not added to the history (this is what a turn does
         before its first token; tests compare it with a from-scratch forward).
         """
-        ids = self.prompt_ids(question)
+        ids = self.prompt_ids(question, answer_prefix)
         self._check_fits(ids)
         return self._run(ids, self._reuse(ids, leave=1), progress)
 
     def stream(
-        self, question: str, params: SamplingParams | None = None, *, progress: Progress | None = None
+        self,
+        question: str,
+        params: SamplingParams | None = None,
+        *,
+        progress: Progress | None = None,
+        answer_prefix: str | None = None,
     ) -> Iterator[str]:
         """Ask ``question``; yield the answer as text deltas. :attr:`last` holds the :class:`TurnResult`.
+
+        ``answer_prefix`` starts the assistant's answer with the given text (it is yielded first
+        and is part of the answer); the model continues from it. Small models answer questions
+        about long documents far more reliably when the answer's first words are given
+        (e.g. "The secret word is").
 
         Stopping early (Ctrl-C, ``close()`` on the iterator, an exception) ends the answer with
         ``finish_reason == "abort"`` and keeps the conversation consistent; a KeyboardInterrupt
@@ -269,7 +282,8 @@ class Conversation:
         params = params or SamplingParams()
         engine = self.engine
         start = time.perf_counter()
-        ids = self.prompt_ids(question)
+        prefix = answer_prefix or ""
+        ids = self.prompt_ids(question, prefix)
         self._check_fits(ids)
         result = TurnResult(prompt_tokens=len(ids))
         self.last = result
@@ -282,6 +296,8 @@ class Conversation:
         first_token_at = None
         reason = "abort"
         try:
+            if prefix:
+                yield prefix
             while True:
                 token = int(next_tokens(logits[None], params, generator)[0])
                 if first_token_at is None:
@@ -305,11 +321,11 @@ class Conversation:
             self._crop(len(self._cached))  # a forward cut short may have written some layers only
             tail = stream.finish(reason)  # type: ignore[arg-type]
             result.finish_reason = stream.finish_reason
-            result.text = stream.text
+            result.text = prefix + stream.text
             result.token_ids = stream.token_ids
             if first_token_at is not None:
                 result.decode_seconds = time.perf_counter() - first_token_at
-            self.history.append({"role": "assistant", "content": stream.text})
+            self.history.append({"role": "assistant", "content": result.text})
         if tail:
             yield tail
 
@@ -320,9 +336,10 @@ class Conversation:
         *,
         progress: Progress | None = None,
         on_text: Callable[[str], None] | None = None,
+        answer_prefix: str | None = None,
     ) -> TurnResult:
         """Ask ``question`` and return the whole :class:`TurnResult`; ``on_text(delta)`` sees the stream."""
-        for delta in self.stream(question, params, progress=progress):
+        for delta in self.stream(question, params, progress=progress, answer_prefix=answer_prefix):
             if on_text is not None:
                 on_text(delta)
         assert self.last is not None
