@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 COMMANDS: dict[str, str | Callable[..., int | None]] = {
     "demo": "chunkllama.demo:demo",
     "chat": "chunkllama.serving.chat:chat",
+    "serve": "chunkllama.serving.server:serve",
     "eval ppl": "chunkllama.eval.commands:eval_ppl",
     "eval passkey": "chunkllama.eval.commands:eval_passkey",
     "eval needle": "chunkllama.eval.commands:eval_needle",
