@@ -15,7 +15,8 @@ The per-layer numbers are (DCA - unpatched) / layers. Run it against any checkou
 (``PYTHONPATH=<checkout>/src``); the result records which source it measured.
 
     PYTHONPATH=src python bench/bench_host_ops.py --label after
-    PYTHONPATH=<old checkout>/src python bench/bench_host_ops.py --label before
+    git archive 7d1a671 src | tar -x -C /tmp/old    # the code before issue 16
+    PYTHONPATH=/tmp/old/src python bench/bench_host_ops.py --label before --source "main 7d1a671"
 
 Writes bench/results/host_ops.json (one entry per label, others kept) and host_ops.md.
 """
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=700, help="prompt tokens (the model's window is 256: ~4 DCA chunks)")
     parser.add_argument("--steps", type=int, default=40, help="decode steps timed")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--source", help="what to record as the measured source (default: its path and git commit)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -122,7 +124,7 @@ def main() -> None:
     dca = _measure(apply_dca(_model(args.layers, args.device), pretraining_length=256), args.prompt, args.steps, args.device)
     per_layer = {key: (dca[key] - plain[key]) / args.layers for key in ("ops", "host_reads", "step_ms")}
     entry = {
-        "source": _source(), "device": args.device, "layers": args.layers, "prompt": args.prompt,
+        "source": args.source or _source(), "device": args.device, "layers": args.layers, "prompt": args.prompt,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "unpatched": plain, "dca": dca, "dca_extra_per_layer": per_layer,
     }
