@@ -56,6 +56,7 @@ def test_tensor_parallel_under_torchrun_equals_one_process(saved, tmp_path):
         err = (parallel["logits"] - alone["logits"]).abs().max().item()
         assert err <= TOL, f"{family}: tensor-parallel logits differ by {err:.3g}"
         assert torch.equal(parallel["tokens"], alone["tokens"]), family
+        assert torch.equal(parallel["tokens_chunked_prefill"], alone["tokens"]), family
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -67,6 +68,7 @@ def test_device_map_split_with_offload_equals_unsplit(saved, family, tmp_path):
     split, whole = run(split_model), run(_load(saved / family))
     assert (split["logits"] - whole["logits"]).abs().max().item() <= TOL
     assert torch.equal(split["tokens"], whole["tokens"])
+    assert torch.equal(split["tokens_chunked_prefill"], whole["tokens"])
 
 
 def test_outside_torchrun_nothing_changes(monkeypatch):

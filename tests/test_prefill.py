@@ -254,3 +254,14 @@ def test_resolve():
     assert resolve_prefill_chunk_size(config, 4096) == 4096
     with pytest.raises(ValueError, match="or 0 to switch the default off"):
         resolve_prefill_chunk_size(config, -1)
+
+
+@pytest.mark.parametrize("piece", [1, 7, 20])
+def test_chunked_prefill_into_a_static_cache(piece, padded_prompt):
+    """A StaticCache hands back all its slots (empty future ones included) to every piece."""
+    ids, mask = padded_prompt
+    model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
+    one_shot = _generate(model, ids, mask)
+    chunked = _generate(model, ids, mask, cache_implementation="static", prefill_chunk_size=piece)
+    assert torch.equal(chunked.sequences, one_shot.sequences)
+    assert _max_logit_error(chunked, one_shot) <= TOL

@@ -1,5 +1,7 @@
-"""Run under ``torchrun``: load saved tiny models with ``tp_plan="auto"`` (via :func:`chunkllama.distributed.from_pretrained_kwargs`), patch each with DCA, and
-save the last-token logits of a padded forward and the greedy tokens of ``generate`` (rank 0 writes).
+"""Run under ``torchrun``: load saved tiny models with ``tp_plan="auto"`` (through
+:func:`chunkllama.distributed.from_pretrained_kwargs`), patch each with DCA, and save the last-token
+logits of a padded forward and the greedy tokens of ``generate`` with one-shot and chunked prefill
+(rank 0 writes).
 
 ``python -m torch.distributed.run --nproc-per-node 2 tests/tp_worker.py OUT_DIR MODEL_DIR...``
 (CPU: transformers picks the gloo backend). Not a test module: ``test_distributed.py`` launches it
@@ -18,7 +20,7 @@ import transformers
 import chunkllama
 from chunkllama.distributed import from_pretrained_kwargs, is_main_process
 
-PRETRAINING_LENGTH, PROMPT, PAD, NEW = 32, 70, 9, 12
+PRETRAINING_LENGTH, PROMPT, PAD, NEW, PIECE = 32, 70, 9, 12, 13
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -38,7 +40,9 @@ def run(model: torch.nn.Module) -> dict:
     with torch.no_grad():
         logits = model(ids, attention_mask=mask).logits[:, -1]
         tokens = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
-    return {"logits": _local(logits), "tokens": tokens, "q_width": widths[0],
+        chunked = model.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0,
+                                 prefill_chunk_size=PIECE)
+    return {"logits": _local(logits), "tokens": tokens, "tokens_chunked_prefill": chunked, "q_width": widths[0],
             "q_weight": type(attention.q_proj.weight).__name__}
 
 
