@@ -89,6 +89,8 @@ def _measure(family, length, piece, *, batch=1, pad=0, attn="sdpa", **overrides)
 )
 def test_predicted_peak_matches_measured(family, length, piece, extra):
     predicted, measured = _measure(family, length, piece, **extra)
+    print(f"{family} T={length} P={piece} {extra}: predicted {predicted / 2**20:.2f} MiB, measured "
+          f"{measured / 2**20:.2f} MiB, ratio {predicted / measured:.3f}")  # shown with pytest -s
     assert abs(predicted / measured - 1) <= MEASURE_TOL, f"predicted {predicted / 2**20:.2f} MiB, measured {measured / 2**20:.2f} MiB"
 
 
