@@ -23,8 +23,8 @@ from chunkllama.prefill import (
 from tiny_models import CHUNK_LEN, FAMILIES, PRETRAINING_LENGTH, make_model, random_ids
 
 TOL = 1e-5  # fp32
-NEW = 5
-PIECES = (1, 7, 19, 20, 21, 24, 200)
+NEW = 3
+PIECES = (1, 7, 20, 24)  # one token, splitting a chunk, one chunk stride, chunk_size
 
 
 def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +100,7 @@ def test_chunked_prefill_equals_one_shot_for_every_piece_size(family, padded_pro
 def test_every_piece_size_from_1_to_the_prompt_length():
     """One family, no padding, every piece size: the last-position logits of each prefill equal one shot."""
     model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
-    prompt = random_ids(1, 45, seed=33)
+    prompt = random_ids(1, 41, seed=33)  # crosses the chunk boundaries at 20 and 40
     one_shot = _generate(model, prompt, new=1)
     for piece in range(1, prompt.shape[1] + 1):
         chunked = _generate(model, prompt, new=1, prefill_chunk_size=piece)
