@@ -114,6 +114,10 @@ def test_plan_fits_decisions():
         make_plan(shape, length=1024, gpus=3)
     with pytest.raises(ValueError, match="Unknown kv_dtype 'int4'"):
         make_plan(shape, length=1024, kv_dtype="int4")
+    with pytest.raises(ValueError, match="Unknown cache 'paged'"):
+        make_plan(shape, length=1024, cache="paged")
+    with pytest.raises(ValueError, match="Unknown attn_implementation"):
+        make_plan(shape, length=1024, attn_implementation="flex")
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,10 @@ def make_plan(
     for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype)):
         if value not in DTYPE_BYTES:
             raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(DTYPE_BYTES)}.")
+    if attn_implementation not in ("sdpa", "eager", "flash"):
+        raise ValueError(f"Unknown attn_implementation {attn_implementation!r}; use sdpa, eager or flash.")
+    if cache not in ("dynamic", "static"):
+        raise ValueError(f"Unknown cache {cache!r}; use dynamic or static.")
     if gpus < 1 or shape.kv_heads % gpus or shape.q_heads % gpus:
         raise ValueError(
             f"{gpus} GPUs cannot split {shape.q_heads} query / {shape.kv_heads} key-value heads evenly "
