@@ -1,0 +1,144 @@
+"""Long prompts in one ``generate`` call: does it fit, how long, how much memory — beside the planner's prediction.
+
+Usage (GPU; random bf16 weights of a built-in shape, DCA with ``pretraining_length`` 8192):
+    python bench/bench_scale.py --lengths 256k 512k 1M                  # Llama-3-8B shapes, full depth
+    python bench/bench_scale.py --lengths 1M --layers 4                 # memory per layer at 1M, quickly
+    python bench/bench_scale.py --lengths 128k --throughput             # chunked vs one-shot prefill tokens/s
+    python bench/bench_scale.py --shape smollm2-135m --layers 2 --lengths 4k --device cpu   # smoke run
+
+For each length: one ``model.generate(ids (1, T), max_new_tokens=N)`` with the prefill in pieces
+(``--prefill-chunk``, default DCA's ``chunk_len``; 0 = one shot) through
+:func:`chunkllama.prefill.enable_chunked_prefill`; records whether it finished (``ok``; an
+out-of-memory error is a row, not a crash), ``seconds``, ``peak_gib`` (``torch.cuda.max_memory_allocated``,
+weights included) and the planner's prediction for the same run (``planned_gib``, without its
+reserve) and at the shape's full depth (``planned_full_depth_gib``). ``--throughput`` times the
+prefill (``max_new_tokens=1``) in pieces and in one shot and writes their ratio.
+Writes ``scale.json`` and ``scale.md`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import chunkllama
+from chunkllama.planner import GIB, SHAPES, Shape, make_plan, parse_size
+from chunkllama.prefill import enable_chunked_prefill, resolve_prefill_chunk_size
+
+
+def build_model(shape_name: str, layers: int | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    fields = dict(SHAPES[shape_name])
+    if layers:
+        fields["num_hidden_layers"] = layers
+    config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_generate(model: torch.nn.Module, length: int, new_tokens: int, device: str, **kwargs) -> dict:
+    """One generate call; ``{"ok", "seconds", "peak_gib", "error"}``."""
+    ids = torch.randint(3, model.config.vocab_size, (1, length), device=device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    _sync(device)
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           pad_token_id=0, **kwargs)
+        _sync(device)
+        ok, error = True, None
+    except torch.OutOfMemoryError as oom:
+        ok, error = False, str(oom).splitlines()[0][:200]
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / GIB if device == "cuda" else None
+    return {"ok": ok, "seconds": round(seconds, 2), "peak_gib": None if peak is None else round(peak, 2), "error": error}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
+    parser.add_argument("--layers", type=int, default=None, help="fewer layers than the shape (memory per layer)")
+    parser.add_argument("--lengths", nargs="+", default=["256k", "512k", "1M"])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--pretraining-length", type=int, default=8192)
+    parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per piece; default chunk_len, 0 one shot")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--throughput", action="store_true", help="also time prefill in pieces vs one shot")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    model = build_model(args.shape, args.layers, args.device, dtype)
+    dca = chunkllama.DCAConfig(args.pretraining_length)
+    chunkllama.apply_dca(model, dca, backend=args.backend)
+    piece = resolve_prefill_chunk_size(dca, args.prefill_chunk)
+    enable_chunked_prefill(model, piece)
+    full_shape = Shape.from_config(SHAPES[args.shape])
+    shape = dataclasses.replace(full_shape, layers=args.layers or full_shape.layers)
+    plan_kwargs = dict(new_tokens=args.new_tokens, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
+                       kv_dtype="bf16" if dtype == torch.bfloat16 else "fp32", prefill_chunk=piece, dca=dca, reserve=0)
+    common = {
+        "shape": args.shape, "layers": shape.layers, "dca_config": dca.to_dict(), "prefill_chunk": piece,
+        "backend": args.backend, "dtype": str(dtype),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+    }
+    rows = []
+    for text in args.lengths:
+        length = parse_size(text, what="length")
+        plan, full = make_plan(shape, length=length, **plan_kwargs), make_plan(full_shape, length=length, **plan_kwargs)
+        row = {"bench": "scale", "T": length, **timed_generate(model, length, args.new_tokens, args.device),
+               "new_tokens": args.new_tokens, "planned_gib": round(plan.total(piece is not None) / GIB, 2),
+               "planned_full_depth_gib": round(full.total(piece is not None) / GIB, 2), **common}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.throughput:
+        for text in args.lengths:
+            length = parse_size(text, what="length")
+            chunked = timed_generate(model, length, 1, args.device)
+            one_shot = timed_generate(model, length, 1, args.device, prefill_chunk_size=None)
+            row = {"bench": "scale_prefill_throughput", "T": length, "chunked_seconds": chunked["seconds"],
+                   "one_shot_seconds": one_shot["seconds"], "ok": chunked["ok"] and one_shot["ok"],
+                   "chunked_vs_one_shot_tokens_per_s": round(one_shot["seconds"] / chunked["seconds"], 3), **common}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = [
+        f"# Long prompts in one generate call — {common['device']}, {args.shape} shapes ({shape.layers} layers), "
+        f"random {dtype}, DCA L={args.pretraining_length}, prefill pieces {piece or 'one shot'}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}", "",
+        "| T | new | ok | seconds | peak GiB | planned GiB | planned at full depth GiB |", "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['T']} | {r['new_tokens']} | {r['ok']} | {r['seconds']} | {r['peak_gib']} | {r['planned_gib']} | "
+              f"{r['planned_full_depth_gib']} |" for r in rows if r["bench"] == "scale"]
+    throughput = [r for r in rows if r["bench"] == "scale_prefill_throughput"]
+    if throughput:
+        lines += ["", "| T | prefill in pieces s | one shot s | pieces / one shot tokens/s |", "|---|---|---|---|"]
+        lines += [f"| {r['T']} | {r['chunked_seconds']} | {r['one_shot_seconds']} | {r['chunked_vs_one_shot_tokens_per_s']} |"
+                  for r in throughput]
+    lines += ["", "Reproduce: `python bench/bench_scale.py --shape " + args.shape
+              + (f" --layers {args.layers}" if args.layers else "") + " --lengths " + " ".join(args.lengths)
+              + (" --throughput" if args.throughput else "") + "`"]
+    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
