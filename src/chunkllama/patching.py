@@ -23,6 +23,7 @@ from torch import nn
 from .attention import LoadedBackend, dca_attention, load_backend, rotate_keys
 from .compat import cached_length, pick_cache, update_cache
 from .config import DCAConfig
+from .prefill import disable_chunked_prefill, enable_chunked_prefill, resolve_prefill_chunk_size
 from .positions import step_positions
 from .rope import RotaryParams
 
@@ -356,6 +357,7 @@ def apply_dca(
     local_window: int | None = None,
     *,
     backend: str = "auto",
+    prefill_chunk_size: int | None = None,
 ) -> nn.Module:
     """Enable Dual Chunk Attention on this model instance, in place; returns the model.
 
@@ -368,12 +370,16 @@ def apply_dca(
         chunk_size: defaults to ``3 * pretraining_length // 4``.
         local_window: defaults to ``pretraining_length // 8``.
         backend: attention backend, "auto" | "reference" | "triton".
+        prefill_chunk_size: tokens per prefill piece this instance's ``generate`` uses when the
+            caller sets none (transformers' own chunked prefill, so activation memory is bounded by
+            the piece, not the prompt); default: one DCA ``chunk_len``; 0 = prefill in one shot.
 
     Calling it again replaces the previous DCA settings (applying the same settings twice is the
     same as once). The model's own rope scaling (linear, dynamic NTK, YaRN, llama3) is kept.
     """
     loaded = load_backend(backend)
     config = _resolve_config(model, pretraining_length, chunk_size, local_window)
+    prefill = resolve_prefill_chunk_size(config, prefill_chunk_size)
     modules = _attention_modules(model)
     rotary = _find_rotary(model)
     remove_dca(model)
@@ -389,6 +395,7 @@ def apply_dca(
         hook = (base, handle.id)
     method_swaps = _replace_methods(model)
     object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, config_swaps, method_swaps, hook))
+    enable_chunked_prefill(model, prefill)
     return model
 
 
@@ -403,6 +410,7 @@ def _patched_holder(model: nn.Module) -> tuple[nn.Module, _ModelPatch] | None:
 
 def remove_dca(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_dca` on this instance exactly; a no-op on an unpatched model. Returns the model."""
+    disable_chunked_prefill(model)
     found = _patched_holder(model)
     if found is None:
         return model

@@ -349,8 +349,9 @@ def plan(
           f"DCA chunk_len {dca.chunk_len}")
     print(f"weights            {_gib(result.weights)}")
     print(f"KV cache           {_gib(result.kv_cache)}")
-    print(f"prefill one-shot   {_gib(result.prefill_peak_one_shot)}   total {_gib(result.total(False))}   "
-          f"{'fits' if result.fits(False) else 'does NOT fit'}")
-    print(f"prefill in {result.prefill_chunk}s {_gib(result.prefill_peak_chunked)}   total {_gib(result.total(True))}   "
-          f"{'fits' if result.fits(True) else 'does NOT fit'} in {_gib(result.gpu_memory).strip()}")
+    memory = _gib(result.gpu_memory).strip()
+    print(f"prefill, one shot  {_gib(result.prefill_peak_one_shot)}   total {_gib(result.total(False))}   "
+          f"{'fits' if result.fits(False) else 'does NOT fit'} in {memory}")
+    print(f"prefill, pieces of {result.prefill_chunk:,} tokens {_gib(result.prefill_peak_chunked)}   "
+          f"total {_gib(result.total(True))}   {'fits' if result.fits(True) else 'does NOT fit'} in {memory}")
     return 0 if result.fits(True) else 1
