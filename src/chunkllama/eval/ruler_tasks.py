@@ -53,7 +53,7 @@ evaluator does (control characters become newlines, outer whitespace is stripped
 
 Deviations from RULER, all deliberate: sentence splitting by regex instead of NLTK; needles at a
 requested depth (RULER samples depths only); vt's one in-context example is fitted to
-``min(500, length // 4)`` tokens (RULER: 500) so short test lengths stay possible; cwe draws
+``min(500, length // 4)`` tokens (RULER: 500) but keeps at least its chain so short test lengths stay possible; cwe draws
 adjective-noun compounds when it needs more distinct words than wonderwords has (RULER falls back to
 an English word list it ships); fwe's haystack size is bisected to the token budget (RULER steps
 by ``length // 32`` words); the answer prefix loses its leading space when it follows a chat
@@ -648,13 +648,12 @@ def _renderer(spec: TaskSpec, tokenizer: Any, key: str, length: int, depth: floa
         return render, int(length / per_unit / 1.5)
     if spec.family == "variable_tracking":
         hops = spec.param("num_hops")
-        example_budget = min(500, length // 4)
-        example = ""
-        if example_budget > 0:
-            n_example = fit_units(lambda n: len(_encode(tokenizer, _vt_example(key, n, hops))), example_budget, 10,
-                                  minimum=hops + 1)
-            example = _vt_example(key, n_example, hops)
-        return _vt_renderer(spec, key, example), length // 30
+        try:  # the example gets min(500, length // 4) tokens, and at least its smallest size
+            n_example = fit_units(lambda n: len(_encode(tokenizer, _vt_example(key, n, hops))), min(500, length // 4),
+                                  10, minimum=hops + 1)
+        except ValueError:
+            n_example = hops + 1
+        return _vt_renderer(spec, key, _vt_example(key, n_example, hops)), length // 30
     if spec.family == "common_words_extraction":
         return _cwe_renderer(spec, key, length), length // 20
     if spec.family == "freq_words_extraction":
