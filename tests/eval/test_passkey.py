@@ -205,3 +205,10 @@ def test_dca_continues_from_a_plain_prefix_cache(tiny_model, tiny_tokenizer):
     assert pk.greedy_generate(tiny_model, prompt.input_ids, 4, cache=copy.deepcopy(plain_cache)) == from_scratch
     with pytest.raises(ValueError, match="more than"):
         pk.prefill(tiny_model, prompt.input_ids[:10], cache=plain_cache)
+
+
+def test_greedy_stops_after_a_stop_token():
+    model = _NextTokenLM(_TABLE)
+    assert pk.greedy_generate(model, [0], 5, stop_ids={3}) == [1, 2, 3]
+    assert model.model.seen == 1 + 2  # the prompt, then one step for each token before the stop
+    assert pk.greedy_generate(model, [0], 2, stop_ids={3}) == [1, 2]

@@ -12,6 +12,7 @@ import pytest
 from chunkllama.eval import ruler_tasks as rt
 
 LENGTH = 2048  # the tiny byte-level tokenizer needs ~1000 tokens for vt's smallest prompt
+SHORT = 1024  # for running the tiny model
 ESSAY = " ".join(
     f"Startups are hard in year {i}. Most founders work on ideas they think are good! Why? Growth matters."
     for i in range(60)
@@ -219,21 +220,22 @@ def test_string_match_all_and_part():
 def test_evaluate_ruler_end_to_end(tiny_model, tiny_tokenizer):
     from chunkllama.eval.ruler import evaluate_ruler
 
-    rows, records = evaluate_ruler(tiny_model, tiny_tokenizer, ["niah_single_1", "fwe"], [LENGTH], ["none", "dca"],
-                                   n_samples=2, depths=[0.25, 0.75], progress=False)
+    rows, records = evaluate_ruler(tiny_model, tiny_tokenizer, ["niah_single_1", "fwe"], [SHORT], ["none", "dca"],
+                                   n_samples=2, depths=[0.25, 0.75], max_new_tokens=6,
+                                   progress=False)
     assert [(r["method"], r["task"]) for r in rows] == [
         ("none", "niah_single_1"), ("none", "fwe"), ("none", "average"),
         ("dca", "niah_single_1"), ("dca", "fwe"), ("dca", "average"),
     ]
     for r in rows:
-        assert r["bench"] == "ruler" and r["L"] == LENGTH and 0.0 <= r["score"] <= 1.0
+        assert r["bench"] == "ruler" and r["L"] == SHORT and 0.0 <= r["score"] <= 1.0
     assert rows[0]["n"] == 2 and set(rows[0]["by_depth"]) == {"0.25", "0.75"}
     assert rows[2]["score"] == pytest.approx((rows[0]["score"] + rows[1]["score"]) / 2)
     assert rows[3]["config"]["dca"] is not None and rows[0]["config"]["dca"] is None
     assert len(records) == 8 and {r["depth"] for r in records if r["task"] == "niah_single_1"} == {0.25, 0.75}
     for r in records:
         assert r["score"] == rt.string_match_all(r["prediction"], r["answers"])
-        assert r["n_tokens"] <= LENGTH - (128 if r["task"] == "niah_single_1" else 50)
+        assert r["n_tokens"] <= SHORT - (128 if r["task"] == "niah_single_1" else 50)
     json.dumps(records)
 
 
@@ -241,8 +243,8 @@ def test_run_ruler_writes_report_and_checks_arguments_first(tiny_model, tiny_tok
     from chunkllama.eval.ruler_command import eval_ruler, run_ruler
 
     out = tmp_path / "ruler"
-    rows = run_ruler((tiny_model, tiny_tokenizer), "dca", "niah_single_2", [LENGTH], str(out), n_samples=1,
-                     depths=2, data=str(tiny_data), progress=False)
+    rows = run_ruler((tiny_model, tiny_tokenizer), "dca", "niah_single_2", [SHORT], str(out), n_samples=1,
+                     depths=2, data=str(tiny_data), max_new_tokens=4, progress=False)
     assert [r["task"] for r in rows] == ["niah_single_2", "average"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "ruler" and summary["settings"]["depths"] == [0.25, 0.75]
@@ -256,6 +258,7 @@ def test_run_ruler_writes_report_and_checks_arguments_first(tiny_model, tiny_tok
         ({"lengths": "8x"}, "Bad --lengths"),
         ({"samples": 0}, "--samples"),
         ({"depths": 0}, "--depths"),
+        ({"max_new_tokens": 0}, "--max-new-tokens"),
     ]:
         with pytest.raises(ValueError, match=message):
             eval_ruler(model="/nonexistent/model", **kwargs)

@@ -55,10 +55,13 @@ def build_samples(
 
 
 def answer(model: nn.Module, tokenizer: Any, sample: rt.RulerSample, stops: set[int],
-           prefill_chunk: int | None = None) -> str:
-    """The model's greedy answer to ``sample``, cut at the first stop token and cleaned like RULER."""
-    new = pk.greedy_generate(model, sample.input_ids, sample.max_new_tokens, prefill_chunk=prefill_chunk,
-                             stop_ids=stops)
+           prefill_chunk: int | None = None, max_new_tokens: int | None = None) -> str:
+    """The model's greedy answer to ``sample``, cut at the first stop token and cleaned like RULER.
+
+    At most ``sample.max_new_tokens`` tokens are generated, fewer when ``max_new_tokens`` is smaller.
+    """
+    limit = sample.max_new_tokens if max_new_tokens is None else min(max_new_tokens, sample.max_new_tokens)
+    new = pk.greedy_generate(model, sample.input_ids, limit, prefill_chunk=prefill_chunk, stop_ids=stops)
     return rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True))
 
 
@@ -76,6 +79,7 @@ def evaluate_ruler(
     use_chat: bool | None = None,
     pretraining_length: int | None = None,
     prefill_chunk: int | None = None,
+    max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every (method, task, length) cell on ``n_samples`` prompts.
@@ -94,6 +98,8 @@ def evaluate_ruler(
         use_chat: wrap prompts in the chat template; default: when the tokenizer has one.
         pretraining_length: the model's window for the methods; default: from its config.
         prefill_chunk: prefill this many tokens per forward (all at once when None).
+        max_new_tokens: cap on the tokens generated per answer (default: RULER's per task: 128 NIAH,
+            30 vt, 120 cwe, 50 fwe); prompts are fitted to the task's own budget either way.
         progress: show a progress bar.
 
     Returns:
@@ -129,7 +135,7 @@ def evaluate_ruler(
                     scores: list[float] = []
                     by_depth: dict[float, list[float]] = {}
                     for sample in prompts[task]:
-                        prediction = answer(model, tokenizer, sample, stops, prefill_chunk)
+                        prediction = answer(model, tokenizer, sample, stops, prefill_chunk, max_new_tokens)
                         score = rt.string_match_all(prediction, sample.answers)
                         scores.append(score)
                         if sample.depth is not None:

@@ -37,7 +37,7 @@ def depth_list(depths: int | None) -> list[float] | None:
 
 def check_settings(
     methods: str | Sequence[str], tasks: str | Sequence[str] | None, lengths: str | Sequence[str] | Sequence[int],
-    n_samples: int, depths: int | None, data: str | None,
+    n_samples: int, depths: int | None, data: str | None, max_new_tokens: int | None = None,
 ) -> RulerSettings:
     """Parse and check every argument; reads the essays when a selected task needs them.
 
@@ -67,6 +67,8 @@ def check_settings(
         raise ValueError(f"Length {min(ls)} is too short for the RULER tasks {', '.join(names)}: use at least {shortest}.")
     if n_samples < 1:
         raise ValueError(f"--samples must be at least 1, got {n_samples}.")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
     essay = None
     if rt.needs_essay(names):
         from .data import essays_text
@@ -87,6 +89,7 @@ def run_ruler(
     seed: int = 42,
     chat: bool | None = None,
     prefill_chunk: int | None = None,
+    max_new_tokens: int | None = None,
     pretraining_length: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
@@ -103,7 +106,7 @@ def run_ruler(
     from .report import pivot_table, plot_vs_length, write_report
     from .ruler import evaluate_ruler
 
-    settings = check_settings(methods, tasks, lengths, n_samples, depths, data)
+    settings = check_settings(methods, tasks, lengths, n_samples, depths, data, max_new_tokens)
     if isinstance(model, tuple):
         lm, tokenizer = model
         name = "<given>"
@@ -117,7 +120,7 @@ def run_ruler(
     rows, samples = evaluate_ruler(
         lm, tokenizer, settings.tasks, settings.lengths, settings.methods, n_samples, essay=settings.essay,
         seed=seed, depths=settings.depths, use_chat=chat, pretraining_length=pretraining_length,
-        prefill_chunk=prefill_chunk, progress=progress,
+        prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, progress=progress,
     )
     averages = [r for r in rows if r["task"] == "average"]
     parts = []
@@ -131,6 +134,7 @@ def run_ruler(
         "model": name, "tasks": settings.tasks, "lengths": settings.lengths,
         "methods": [s.label for s in settings.methods], "n_samples": n_samples, "seed": seed,
         "depths": settings.depths or "random (RULER's 40-depth grid)", "chat": chat,
+        "max_new_tokens": max_new_tokens or "RULER's per task",
         "score": "string_match_all as a fraction in [0, 1] (RULER reports x100)",
         "wonderwords": rt.word_list_version(),
     }
@@ -154,6 +158,7 @@ def eval_ruler(
     seed: int = 42,
     chat: bool | None = None,
     prefill_chunk: int | None = None,
+    max_new_tokens: int | None = None,
     pretraining_length: int | None = None,
     dtype: str | None = None,
     device: str | None = None,
@@ -179,11 +184,12 @@ def eval_ruler(
         seed: seed of the prompts (same seed, same prompts).
         chat: use the tokenizer's chat template (default: when it has one).
         prefill_chunk: prefill this many tokens per forward pass (default: the whole prompt at once).
+        max_new_tokens: cap on generated tokens per answer; default: RULER's (128 NIAH, 30 vt, 120 cwe, 50 fwe).
         pretraining_length: the model's original window; default: from its config.
         dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
         device: cpu or cuda; default: cuda when available.
         progress: show progress bars.
     """
     run_ruler(model, methods, tasks, lengths, output, samples, depths, data, seed, chat, prefill_chunk,
-              pretraining_length, dtype, device, progress)
+              max_new_tokens, pretraining_length, dtype, device, progress)
     return 0
