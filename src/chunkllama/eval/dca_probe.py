@@ -194,8 +194,9 @@ def probe_attention(
         configs.append(inputs["config"])
 
     device = next(model.parameters()).device
+    base = getattr(model, "base_model", None) or model  # hidden states only: no logits over the vocabulary
     with recording_dca_inputs(model, on_call):
-        model(input_ids=ids.to(device), use_cache=False)
+        base(input_ids=ids.to(device), use_cache=False)
     config = configs[0]
     relation = ()
     if needle is not None:
