@@ -275,3 +275,27 @@ def test_cli_parser_accepts_eval_ruler():
     )
     assert (args.tasks, args.lengths, args.samples, args.depths, args.chat) == ("vt,cwe", "8k,16k", 3, 5, False)
     assert args._command is eval_ruler
+
+
+@pytest.mark.slow
+def test_default_tokenizer_prompts_at_8k(shared_data):
+    """SmolLM2's own tokenizer and chat template, the real essays: every task fits 8k tightly."""
+    from transformers import AutoTokenizer
+
+    from chunkllama.eval.data import essays_text
+    from chunkllama.models import converted_gguf_dir, default_gguf_path
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(converted_gguf_dir(default_gguf_path()))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    words = rt.essay_words(essays_text(shared_data))
+    for task in rt.TASK_NAMES:
+        s = rt.make_ruler_sample(tokenizer, task, 8192, depth=0.4, essay=words)
+        gap = 8192 - s.max_new_tokens - len(s.input_ids)
+        limit = 90 if task == "niah_multikey_3" else 30  # one UUID needle line / one noise line / a few words
+        assert 0 <= gap < limit, (task, gap)
+        assert s.text.startswith("<|im_start|>") and all(a in s.text for a in s.answers)
+        if s.depth is not None:
+            i = next(i for i, n in enumerate(s.needles) if n.is_target)
+            assert abs(s.needle_token_depths[i] - 0.4) < 0.03, (task, s.needle_token_depths)
