@@ -3,21 +3,23 @@
 The task definitions follow RULER (Hsieh et al. 2024, "RULER: What's the Real Context Size of
 Your Long-Context Language Models?", github.com/NVIDIA/RULER, ``scripts/synthetic.yaml``):
 
-============== ========== ============= =========== ===========================================
-task           haystack   key           value       needles (keys x values, queried keys)
-============== ========== ============= =========== ===========================================
-niah_single_1  noise      word          number      1 x 1, 1
-niah_single_2  essay      word          number      1 x 1, 1
-niah_single_3  essay      word          uuid        1 x 1, 1
-niah_multikey_1 essay     word          number      4 x 1, 1 (3 distractor keys)
-niah_multikey_2 needle    word          number      1 x 1, 1 (the haystack is distractor needles)
-niah_multikey_3 needle    uuid          uuid        1 x 1, 1
-niah_multivalue essay     word          number      1 x 4, 1 (all 4 values expected)
-niah_multiquery essay     word          number      4 x 1, 4 (all 4 values expected)
-vt             noise      variable tracking: 1 chain of 4 hops, all 5 names expected (1 example)
-cwe            -          common words: the 10 words repeated 30x among words repeated 3x (1 example)
-fwe            -          frequent words: the 3 most frequent coded words of a Zipf(2) text
-============== ========== ============= =========== ===========================================
+=============== ======== ====== ====== ===================================================
+task            haystack key    value  needles: keys x values, queried keys
+=============== ======== ====== ====== ===================================================
+niah_single_1   noise    word   number 1 x 1, 1
+niah_single_2   essay    word   number 1 x 1, 1
+niah_single_3   essay    word   uuid   1 x 1, 1
+niah_multikey_1 essay    word   number 4 x 1, 1 (3 distractor keys)
+niah_multikey_2 needle   word   number 1 x 1, 1 (the haystack is distractor needles)
+niah_multikey_3 needle   uuid   uuid   1 x 1, 1
+niah_multivalue essay    word   number 1 x 4, 1 (all 4 values expected)
+niah_multiquery essay    word   number 4 x 1, 4 (all 4 values expected)
+vt              noise    --     --     variable tracking: 1 chain of 4 hops, all 5 names
+cwe             --       --     --     the 10 words listed 30x among words listed 3x
+fwe             --       --     --     the 3 most frequent coded words of a Zipf(2) text
+=============== ======== ====== ====== ===================================================
+
+vt and cwe start with one solved example, as in RULER.
 
 Haystacks: ``essay`` = the Paul Graham essays (the caller passes their text, e.g.
 :func:`chunkllama.eval.data.essays_text`), split on whitespace into words, repeated when too short,
@@ -42,7 +44,8 @@ special tokens.
 
 Depth: a needle's depth is the fraction of the haystack before it: of its lines (noise, distractor
 needles), or of its words for the essay, where the needle goes at the sentence boundary nearest to
-that fraction of the words (RULER uses the fraction of sentences; words track tokens more closely). For the NIAH tasks the sample's *target* needle (the one holding ``answers[0]``) goes at the
+that fraction of the words (RULER uses the fraction of sentences; words track tokens more closely).
+For the NIAH tasks the sample's *target* needle (the one holding ``answers[0]``) goes at the
 requested depth; the other needles, and the target when no depth is requested, take distinct depths
 drawn from RULER's grid of 40 depths ``round(linspace(0, 100, 40)) / 100``. vt places its chain
 lines at random lines in order, as RULER does.
@@ -53,11 +56,13 @@ evaluator does (control characters become newlines, outer whitespace is stripped
 
 Deviations from RULER, all deliberate: sentence splitting by regex instead of NLTK; needles at a
 requested depth (RULER samples depths only); vt's one in-context example is fitted to
-``min(500, length // 4)`` tokens (RULER: 500) but keeps at least its chain so short test lengths stay possible; cwe draws
-adjective-noun compounds when it needs more distinct words than wonderwords has (RULER falls back to
-an English word list it ships); fwe's haystack size is bisected to the token budget (RULER steps
-by ``length // 32`` words); the answer prefix loses its leading space when it follows a chat
-template's generation prompt.
+``min(500, length // 4)`` tokens (RULER: 500), but keeps at least its chain, so short test lengths
+stay possible; cwe draws adjective-noun compounds when it needs more distinct words than
+wonderwords has (RULER falls back to an English word list it ships); fwe's haystack size is
+bisected to the token budget (RULER steps by ``length // 32`` words); the answer prefix loses its
+leading space when it follows a chat template's generation prompt; vt's assignment lines carry no
+trailing space. RULER's two QA tasks (SQuAD, HotpotQA) are not included: their data is not in
+``../shared/data``.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ import re
 import string
 import types
 import uuid
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 # ----------------------------------------------------------------------------- task definitions
 
@@ -223,7 +228,7 @@ def _random_value(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown needle type {kind!r}")
 
 
-def _distinct_values(rng: random.Random, kind: str, n: int, avoid: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+def _distinct_values(rng: random.Random, kind: str, n: int, avoid: Collection[str] = ()) -> list[str]:
     values: list[str] = []
     while len(values) < n:
         value = _random_value(rng, kind)
@@ -337,7 +342,9 @@ def _depths(rng: random.Random, count: int, target_depth: float | None) -> list[
     return depths
 
 
-def _niah_renderer(spec: TaskSpec, key: str, depth: float | None, words: Sequence[str] | None) -> Callable[[int], Draft]:
+def _niah_renderer(
+    spec: TaskSpec, key: str, depth: float | None, words: Sequence[str] | None
+) -> Callable[[int], Draft]:
     p = dict(spec.params)
     rng = random.Random(key)
     n_keys = max(p["num_needle_k"], p["num_needle_q"])
@@ -725,7 +732,8 @@ def make_ruler_sample(
         task=task, length=length, index=index, seed=seed, input_ids=ids, answers=draft.answers,
         max_new_tokens=spec.max_new_tokens, text=text, n_units=n, needles=draft.needles, depth=target,
         needle_tokens=tuple(needle_tokens),
-        context_tokens=(_token_index(offsets, context_start), _token_index(offsets, context_start + len(draft.context))),
+        context_tokens=(_token_index(offsets, context_start),
+                        _token_index(offsets, context_start + len(draft.context))),
     )
 
 
