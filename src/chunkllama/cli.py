@@ -42,6 +42,7 @@ COMMANDS: dict[str, str | Callable[..., int | None]] = {
     "eval passkey": "chunkllama.eval.commands:eval_passkey",
     "eval needle": "chunkllama.eval.commands:eval_needle",
     "eval longqa": "chunkllama.eval.commands:eval_longqa",
+    "eval ruler": "chunkllama.eval.ruler_command:eval_ruler",
 }
 
 # Descriptions of command groups (the first word of a two-word command name).

@@ -216,3 +216,10 @@ def test_exact_prompts_have_the_asked_length(tiny_tokenizer, length):
         plain.input_ids[: len(plain.input_ids) - len(pk._encode(tiny_tokenizer, pk.QUESTION))]
     assert exact.text.endswith(pk.QUESTION) and exact.key_line in exact.text
     assert exact.answer_ids == plain.answer_ids
+
+
+def test_greedy_stops_after_a_stop_token():
+    model = _NextTokenLM(_TABLE)
+    assert pk.greedy_generate(model, [0], 5, stop_ids={3}) == [1, 2, 3]
+    assert model.model.seen == 1 + 2  # the prompt, then one step for each token before the stop
+    assert pk.greedy_generate(model, [0], 2, stop_ids={3}) == [1, 2]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import random
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import torch
 
@@ -265,6 +265,7 @@ def greedy_generate(
     prefill_chunk: int | None = None,
     on_step: Callable[[int], None] | None = None,
     cache: Any = None,
+    stop_ids: Collection[int] = (),
 ) -> list[int]:
     """Greedy decoding of one sequence with the KV cache; returns the new tokens.
 
@@ -272,7 +273,8 @@ def greedy_generate(
     token per step. Logits are computed for the last position of each step only. ``on_step(n)`` is
     called after each forward with the number of prompt tokens (prefill) or 1 (decode) it consumed.
     ``cache``, when given, already holds a prefix of the prompt (see :func:`prefill`); it must leave
-    at least the prompt's last token to run, and it is extended in place.
+    at least the prompt's last token to run, and it is extended in place. Decoding ends early after
+    a token of ``stop_ids`` (which is returned as the last token).
     """
     base, head = _split_model(model)
     hidden, cache = prefill(model, input_ids, cache=cache, chunk=prefill_chunk, on_step=on_step)
@@ -283,7 +285,7 @@ def greedy_generate(
     for _ in range(max_new_tokens):
         token = head(hidden).float().argmax(-1)
         new_tokens.append(int(token))
-        if len(new_tokens) == max_new_tokens:
+        if len(new_tokens) == max_new_tokens or new_tokens[-1] in stop_ids:
             break
         hidden = base(input_ids=token.reshape(1, 1), use_cache=True, **cache_arg).last_hidden_state[:, -1]
         if on_step is not None:

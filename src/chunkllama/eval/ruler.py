@@ -1,0 +1,165 @@
+"""RULER-style tasks run on a model: tasks x lengths x methods, greedy answers, recall scores.
+
+Prompts come from :mod:`.ruler_tasks` (built once per length and shared by every method); each
+method is applied with :func:`.methods.method_applied` for the length at hand; answers are decoded
+greedily with the KV cache (:func:`.passkey.greedy_generate`), stopping at the tokenizer's
+end-of-turn tokens, cleaned as RULER's evaluator does and scored with
+:func:`.ruler_tasks.string_match_all` (a fraction in [0, 1]).
+
+Rows (one per method x task x length, then one ``task = "average"`` row per method x length, the
+unweighted mean over the tasks run)::
+
+    {"bench": "ruler", "method": "dca", "task": "niah_single_1", "L": 32768, "score": 0.85, "n": 20,
+     "by_depth": {"0.25": 1.0, ...}, "config": {...method read back from the model...}}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from torch import nn
+
+from . import passkey as pk
+from . import ruler_tasks as rt
+from .methods import MethodSpec, method_applied, parse_methods
+from .needle import cut_at_stop, stop_token_ids
+
+
+def sample_depth(index: int, depths: Sequence[float] | None) -> float | None:
+    """The target depth of sample ``index``: ``depths[index % len(depths)]``, or None (RULER's random)."""
+    return None if not depths else float(depths[index % len(depths)])
+
+
+def build_samples(
+    tokenizer: Any,
+    task: str,
+    length: int,
+    n_samples: int,
+    *,
+    seed: int = 42,
+    depths: Sequence[float] | None = None,
+    essay: str | Sequence[str] | None = None,
+    use_chat: bool | None = None,
+) -> list[rt.RulerSample]:
+    """Samples ``0..n_samples-1`` of ``task`` at ``length``; each starts its size search from the last."""
+    words = rt.essay_words(essay) if isinstance(essay, str) else essay
+    samples: list[rt.RulerSample] = []
+    for index in range(n_samples):
+        samples.append(
+            rt.make_ruler_sample(
+                tokenizer, task, length, index=index, seed=seed, depth=sample_depth(index, depths), essay=words,
+                use_chat=use_chat, hint=samples[-1].n_units if samples else None,
+            )
+        )
+    return samples
+
+
+def answer(model: nn.Module, tokenizer: Any, sample: rt.RulerSample, stops: set[int],
+           prefill_chunk: int | None = None, max_new_tokens: int | None = None) -> str:
+    """The model's greedy answer to ``sample``, cut at the first stop token and cleaned like RULER.
+
+    At most ``sample.max_new_tokens`` tokens are generated, fewer when ``max_new_tokens`` is smaller.
+    """
+    limit = sample.max_new_tokens if max_new_tokens is None else min(max_new_tokens, sample.max_new_tokens)
+    new = pk.greedy_generate(model, sample.input_ids, limit, prefill_chunk=prefill_chunk, stop_ids=stops)
+    return rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True))
+
+
+def evaluate_ruler(
+    model: nn.Module,
+    tokenizer: Any,
+    tasks: Sequence[str],
+    lengths: Sequence[int],
+    methods: Sequence[MethodSpec | str],
+    n_samples: int = 20,
+    *,
+    essay: str | Sequence[str] | None = None,
+    seed: int = 42,
+    depths: Sequence[float] | None = None,
+    use_chat: bool | None = None,
+    pretraining_length: int | None = None,
+    prefill_chunk: int | None = None,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Score every (method, task, length) cell on ``n_samples`` prompts.
+
+    Args:
+        model, tokenizer: a causal LM and its tokenizer (the methods are applied to ``model`` in
+            turn and removed again).
+        tasks: names from :data:`.ruler_tasks.TASKS` (see :func:`.ruler_tasks.parse_tasks`).
+        lengths: token budgets (prompt + answer), e.g. ``[8192, 32768]``.
+        methods: method specs (``"dca"``, ``MethodSpec("yarn")``, ...).
+        n_samples: prompts per cell.
+        essay: the Paul Graham essays' text (needed by the essay-haystack NIAH tasks).
+        seed: the samples' seed; with the same arguments every prompt is the same.
+        depths: NIAH target depths, cycled over the samples (sample ``i`` at ``depths[i % len]``);
+            None places them at random grid depths as RULER does.
+        use_chat: wrap prompts in the chat template; default: when the tokenizer has one.
+        pretraining_length: the model's window for the methods; default: from its config.
+        prefill_chunk: prefill this many tokens per forward (all at once when None).
+        max_new_tokens: cap on the tokens generated per answer (default: RULER's per task: 128 NIAH,
+            30 vt, 120 cwe, 50 fwe); prompts are fitted to the task's own budget either way.
+        progress: show a progress bar.
+
+    Returns:
+        ``(rows, samples)``: the rows described in the module docstring, and one record per prompt
+        (answers, prediction, score, depth, needle token depths).
+    """
+    from tqdm.auto import tqdm
+
+    specs = [parse_methods(m)[0] if isinstance(m, str) else m for m in methods]
+    tasks = list(tasks)
+    for task in tasks:
+        if task not in rt.TASKS:
+            raise ValueError(f"Unknown RULER task {task!r}; choose from {', '.join(rt.TASK_NAMES)}.")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    words = rt.essay_words(essay) if isinstance(essay, str) else essay
+    stops = stop_token_ids(tokenizer)
+    bar = tqdm(total=len(specs) * len(tasks) * len(lengths) * n_samples, desc="ruler", disable=not progress)
+    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for length in lengths:
+        bar.set_postfix_str(f"building prompts L={length}")
+        prompts = {
+            task: build_samples(tokenizer, task, length, n_samples, seed=seed, depths=depths, essay=words,
+                                use_chat=use_chat)
+            for task in tasks
+        }
+        for spec in specs:
+            with method_applied(model, spec, length, pretraining_length) as record:
+                task_scores = []
+                for task in tasks:
+                    bar.set_postfix_str(f"{spec.label} {task} L={length}")
+                    scores: list[float] = []
+                    by_depth: dict[float, list[float]] = {}
+                    for sample in prompts[task]:
+                        prediction = answer(model, tokenizer, sample, stops, prefill_chunk, max_new_tokens)
+                        score = rt.string_match_all(prediction, sample.answers)
+                        scores.append(score)
+                        if sample.depth is not None:
+                            by_depth.setdefault(round(sample.depth, 4), []).append(score)
+                        records.append({
+                            "bench": "ruler", "task": task, "method": spec.label, "L": length,
+                            "index": sample.index, "n_tokens": len(sample.input_ids), "depth": sample.depth,
+                            "needle_token_depths": [round(d, 4) for d in sample.needle_token_depths],
+                            "answers": list(sample.answers), "prediction": prediction, "score": score,
+                        })
+                        bar.update(1)
+                    mean = sum(scores) / len(scores)
+                    task_scores.append(mean)
+                    rows.append({
+                        "bench": "ruler", "method": spec.label, "task": task, "L": length, "score": mean,
+                        "n": len(scores),
+                        "by_depth": {str(d): sum(v) / len(v) for d, v in sorted(by_depth.items())},
+                        "config": record,
+                    })
+                    bar.write(f"ruler {spec.label:>8} {task:>16} L={length:>6}: {mean:.3f}")
+            rows.append({
+                "bench": "ruler", "method": spec.label, "task": "average", "L": length,
+                "score": rt.ruler_average(task_scores), "n_tasks": len(task_scores), "tasks": tasks,
+                "config": record,
+            })
+    bar.close()
+    return rows, records
