@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 
 
@@ -70,7 +71,9 @@ def finetune(
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # LoRA: frozen base in bf16 on CUDA (adapters stay fp32); full fine-tuning: fp32 master weights.
     dtype = torch.bfloat16 if target.type == "cuda" and lora else torch.float32
-    net, tokenizer = load_model(model, dtype=dtype, device=target)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under accelerate launch / torchrun
+    # Distributed: every process loads on the CPU; its Trainer moves (FSDP: shards) the model to its GPU.
+    net, tokenizer = load_model(model, dtype=dtype, device="cpu" if distributed else target)
     dca = get_dca_config(apply_dca(net, pretraining_length, chunk_size, local_window, backend="reference"))
     assert dca is not None
     examples, dropped = tokenize_chats(chats, tokenizer, max_length)
@@ -83,7 +86,7 @@ def finetune(
         f"(chunk_len {dca.chunk_len}); {'LoRA r=%d' % lora_rank if lora else 'full fine-tuning'} on {target}, {dtype}",
         flush=True,
     )
-    log = train_sft(net, tokenizer, examples, output, dca, settings)
+    log = train_sft(net, tokenizer, examples, output, dca, settings, use_cpu=target.type == "cpu")
     seconds = log["seconds_per_step"]
     print(f"loss by step: " + ", ".join(f"{s}:{l:.4f}" for s, l in zip(log["logged_steps"], log["loss"])))
     if seconds:

@@ -137,6 +137,7 @@ def train_sft(
     output_dir: str | os.PathLike[str],
     dca: DCAConfig,
     settings: SFTSettings = SFTSettings(),
+    use_cpu: bool | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on tokenized chats with DCA on, save it, and return the training log.
 
@@ -148,6 +149,9 @@ def train_sft(
             ``training_log.json``.
         dca: the DCA settings to train and save with.
         settings: hyper-parameters.
+        use_cpu: train on the CPU (fp32); default: when the model's weights are on the CPU. Under
+            ``accelerate launch`` pass False with the model on the CPU: each process's Trainer
+            moves (or FSDP shards) it onto its own GPU.
     Returns:
         The log: ``{"loss": [...], "logged_steps": [...], "seconds_per_step": [...], ...}``, also
         written to ``output_dir/training_log.json``.
@@ -168,7 +172,8 @@ def train_sft(
         trained = peft.get_peft_model(model, lora)
     else:
         trained = model
-    on_cuda = next(model.parameters()).device.type == "cuda"
+    if use_cpu is None:
+        use_cpu = next(model.parameters()).device.type == "cpu"
     args = TrainingArguments(
         output_dir=str(output),
         max_steps=settings.steps,
@@ -178,8 +183,8 @@ def train_sft(
         warmup_steps=settings.warmup_steps,
         logging_steps=settings.logging_steps,
         **_checkpointing_args(settings.gradient_checkpointing),
-        bf16=on_cuda,
-        use_cpu=not on_cuda,
+        bf16=not use_cpu,
+        use_cpu=use_cpu,
         seed=settings.seed,
         save_strategy="no",
         report_to="none",
