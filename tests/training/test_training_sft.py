@@ -93,3 +93,23 @@ def test_full_finetuning_records_dca_in_config_json(base_dir, tmp_path):
     assert get_dca_config(loaded) == DCA
     for name, param in loaded.named_parameters():
         torch.testing.assert_close(param, dict(model.named_parameters())[name], rtol=0, atol=0)
+
+
+def test_loss_on_kept_logits_equals_the_models_own_loss():
+    """collate + assistant_loss (output head on labelled positions only) == HF's full-logits loss."""
+    from chunkllama.training.sft import assistant_loss, collate
+
+    model = make_model("llama")
+    tokenizer = tiny_tokenizer()
+    examples, _ = tokenize_chats(_chats(3, seed=4), tokenizer)
+    batch = collate(examples, tokenizer.pad_token_id)
+    full = tokenize_chats(_chats(3, seed=4), tokenizer)[0]
+    from chunkllama.training.data import pad_left
+
+    padded = pad_left(full, tokenizer.pad_token_id)
+    assert batch["logits_to_keep"].numel() < padded["input_ids"].shape[1] // 4
+    with torch.no_grad():
+        want = model(**padded).loss
+        got = assistant_loss(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                   logits_to_keep=batch["logits_to_keep"]), batch["labels"])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
