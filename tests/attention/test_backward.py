@@ -157,3 +157,25 @@ def test_backend_guard():
         assert not needs_grad(x)
         assert backend_for_grad("triton", "triton", x) == "triton"
     assert backend_for_grad("triton", "triton", x.detach()) == "triton"
+
+
+def test_memory_saved_for_backward_is_linear_in_length():
+    """What autograd keeps for the backward (unique storages) grows linearly: no T×T tensor is saved."""
+
+    def saved_bytes(length):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        q, k, v, _, q_pos, k_pos = _case(1, 4, 2, length, seed=1)
+        rope = RotaryParams(_inv_freq(16))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            dca_attention(q.requires_grad_(True), k, v, q_pos, k_pos, rope, CFG, backend="reference")
+        return sum(storages.values())
+
+    small, large = saved_bytes(400), saved_bytes(1600)  # measured: 1.09 MB and 4.56 MB
+    score_matrix = 4 * 1600 * 1600 * 4  # one fp32 (Hq, T, T) score matrix at T = 1600: 41 MB
+    assert large < score_matrix / 5, (large, score_matrix)
+    assert large < 4.5 * small  # 4x the length: about 4x the memory, not 16x
