@@ -5,11 +5,17 @@ each plain attention with one query rotation; these helpers run such a piece wit
 memory-efficient kernel (PyTorch's CPU flash kernel, or its CUDA memory-efficient kernel) and
 fall back to explicit matmuls elsewhere. They never copy K/V per query head: grouped query heads
 are folded into the query length where no mask depends on the row.
+
+The fused kernels return a log-sum-exp that carries no gradient, yet the merge of the pieces
+differentiates through it; so when autograd records, each piece runs inside
+:class:`~chunkllama.attention.autograd.AttendWithLse`, whose backward includes that term.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .autograd import attend_with_grad, needs_grad
 
 _KEY_BLOCK = 4096  # keys per step of the explicit fallback, bounding its memory
 
@@ -38,7 +44,17 @@ def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
 
 
 def _same_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention where ``q`` has exactly ``k``'s heads. Returns ``(out fp32, lse fp32)``."""
+    """Attention where ``q`` has exactly ``k``'s heads. Returns ``(out fp32, lse fp32)``, both
+    differentiable (exactly, through :class:`~.autograd.AttendWithLse`) when autograd records."""
+    if needs_grad(q, k, v):
+        return attend_with_grad(q, k, v, scale, causal, _same_heads_kernel)
+    return _same_heads_kernel(q, k, v, scale, causal)
+
+
+def _same_heads_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_same_heads` without autograd: a fused kernel where one takes the inputs."""
     if q.dtype == k.dtype == v.dtype and q.shape[-1] == v.shape[-1]:  # fused kernels need Dv == D
         if q.device.type == "cpu":
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
