@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--question", action="append", default=None,
                         help="question to ask (repeat for follow-ups); default: two questions on the book")
     parser.add_argument("--max-tokens", type=int, default=40)
+    parser.add_argument("--answer-prefix", default="", help="the answer's start (small models need one)")
     parser.add_argument("--out", type=Path, default=Path("docs/serve_web.png"))
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
@@ -57,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         questions = args.question or ["What is the name of the law firm where the narrator works?",
                                       "Who has died, according to the young man?"]
-        page = drive(base + "/", document, questions, args.out, max_tokens=args.max_tokens, timeout=1500)
+        page = drive(base + "/", document, questions, args.out, max_tokens=args.max_tokens, timeout=1500,
+                     answer_prefix=args.answer_prefix)
     finally:
         stop_server(proc)
     print(page["stats"], "|", page["answer"], "|", page["footer"], page["errors"] or "")

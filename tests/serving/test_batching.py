@@ -13,8 +13,9 @@ from transformers import DynamicCache
 
 from chunkllama import apply_dca
 from chunkllama.serving.batching import (
-    BatchedEngine, ContextTooLong, Delta, Failed, Finished, PrefixCache, Progress, QueueFull,
+    BatchedEngine, ContextTooLong, Delta, Failed, Finished, Progress, QueueFull,
 )
+from chunkllama.serving.prefix_cache import PrefixCache
 from chunkllama.serving.sampling import SamplingParams
 
 WINDOW = 32  # DCA: chunk_size 24, local_window 4, chunk_len 20

@@ -167,6 +167,18 @@ def test_stop_string_and_seeded_sampling(server, client):
     assert sampled[0] == sampled[1] != sampled[2]
 
 
+def test_answer_prefix_continues_the_final_assistant_message(server, client, tokenizer):
+    messages = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": "The pass key is"}]
+    got = client.chat.completions.create(model=server["model"], messages=messages, max_tokens=5, temperature=0,
+                                         extra_body={"continue_final_message": True})
+    prompt = tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert prompt.endswith("The pass key is")
+    assert got.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    with pytest.raises(openai.BadRequestError, match="continue_final_message"):
+        client.chat.completions.create(model=server["model"], messages=messages[:1], max_tokens=5,
+                                       extra_body={"continue_final_message": True})
+
+
 @pytest.mark.parametrize(
     ("body", "status", "fragment"),
     [

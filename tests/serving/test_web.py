@@ -53,7 +53,8 @@ def open_browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
 
-def drive(url: str, document: Path, question: str | list[str], screenshot: Path, max_tokens: int = 24, timeout: float = 120) -> dict:
+def drive(url: str, document: Path, question: str | list[str], screenshot: Path, max_tokens: int = 24, timeout: float = 120,
+          answer_prefix: str = "") -> dict:
     """Load the page at ``url``, upload ``document``, ask ``question`` (or several, in turn); return
     what the page shows (the last answer)."""
     from selenium.webdriver.common.by import By
@@ -69,7 +70,8 @@ def drive(url: str, document: Path, question: str | list[str], screenshot: Path,
         stats = browser.find_element(By.ID, "doc-stats").text
         document_text = browser.find_element(By.ID, "document").get_property("value")
         # the answer length sits in the folded "Settings" box: set it directly
-        browser.execute_script("document.getElementById('max-tokens').value = arguments[0]", str(max_tokens))
+        browser.execute_script("document.getElementById('max-tokens').value = arguments[0];"
+                               "document.getElementById('answer-prefix').value = arguments[1]", str(max_tokens), answer_prefix)
         questions = [question] if isinstance(question, str) else list(question)
         for turn, text in enumerate(questions, 1):
             browser.find_element(By.ID, "question").send_keys(text)

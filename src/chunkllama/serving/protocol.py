@@ -6,9 +6,11 @@ ignored (``user``, ``frequency_penalty``... only when they hold their neutral va
 a clear message (``n > 1``, ``logprobs``, ``echo``, ``tools``). Errors use OpenAI's error JSON:
 ``{"error": {"message", "type", "param", "code"}}`` (see :class:`APIError`).
 
-One extension, for the bundled web page: ``chunkllama_progress: true`` on a streaming request adds
-chunks with ``choices: []`` and ``progress: {"done", "total"}`` (prompt tokens read so far) before
-the first token; the standard clients never ask for it and never see it.
+Two extensions: ``chunkllama_progress: true`` on a streaming request adds chunks with
+``choices: []`` and ``progress: {"done", "total"}`` (prompt tokens read so far) before the first
+token (the web page's progress bar; standard clients never ask for it and never see it); and
+``continue_final_message: true`` (vLLM's name) makes the answer continue a final assistant message
+(an answer prefix such as "The secret word is", which small models need).
 """
 
 from __future__ import annotations
@@ -134,11 +136,14 @@ class ChatCompletionRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: Any = None
+    continue_final_message: bool = False  # extension (as vLLM's): the answer continues a final assistant message
 
     @model_validator(mode="after")
     def _no_tools(self) -> ChatCompletionRequest:
         if self.tools:
             raise ValueError("tools / function calling are not supported by this server")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's answer start")
         return self
 
     def token_limit(self) -> int | None:

@@ -250,7 +250,9 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
         if not getattr(tokenizer, "chat_template", None):
             raise APIError(400, f"The model {model_name!r} has no chat template; use POST /v1/completions with a "
                                 "plain prompt instead.", code="no_chat_template")
-        text = tokenizer.apply_chat_template(req.conversation(), tokenize=False, add_generation_prompt=True)
+        cont = req.continue_final_message
+        text = tokenizer.apply_chat_template(req.conversation(), tokenize=False, add_generation_prompt=not cont,
+                                             continue_final_message=cont)
         prompt_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         return await run_request(http_request, prompt_ids, req, new_id("chatcmpl"), chat=True)
 

@@ -107,14 +107,18 @@ async function ask(question) {
   addMessage("user", question);
   const answerDiv = addMessage("assistant", "");
   answerDiv.classList.add("streaming");
+  const prefix = $("answer-prefix").value.trim();
+  const messages = buildMessages(question);
+  if (prefix) messages.push({ role: "assistant", content: prefix });
   const body = {
-    model: state.model, messages: buildMessages(question), stream: true,
+    model: state.model, messages: messages, stream: true, continue_final_message: Boolean(prefix),
     stream_options: { include_usage: true }, chunkllama_progress: true,
     max_tokens: parseInt($("max-tokens").value, 10) || 256,
     temperature: parseFloat($("temperature").value) || 0,
   };
   const started = performance.now();
-  let firstToken = null, answer = "", usage = null;
+  let firstToken = null, answer = prefix, usage = null;
+  answerDiv.textContent = answer;
   $("progress").hidden = false;
   $("progress-bar").value = 0;
   try {
