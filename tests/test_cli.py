@@ -235,7 +235,7 @@ def test_uncached_hub_id_fails_at_once(env):
 
 
 def test_unknown_command():
-    assert_usage_error(run_cli("dmeo"), "chunkllama", "COMMAND dmeo: unknown command; accepted: demo, chat, serve, plan, eval")
+    assert_usage_error(run_cli("dmeo"), "chunkllama", "COMMAND dmeo: unknown command; accepted: demo, chat, serve, plan, finetune, eval")
     assert_usage_error(run_cli("eval"), "chunkllama eval", "COMMAND: missing; accepted: ppl, passkey")
 
 

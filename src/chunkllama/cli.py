@@ -38,6 +38,7 @@ COMMANDS: dict[str, str | Callable[..., int | None]] = {
     "chat": "chunkllama.serving.chat:chat",
     "serve": "chunkllama.serving.server:serve",
     "plan": "chunkllama.planner:plan",
+    "finetune": "chunkllama.training.command:finetune",
     "eval ppl": "chunkllama.eval.commands:eval_ppl",
     "eval passkey": "chunkllama.eval.commands:eval_passkey",
     "eval needle": "chunkllama.eval.commands:eval_needle",

@@ -253,7 +253,7 @@ def test_run_ruler_writes_report_and_checks_arguments_first(tiny_model, tiny_tok
     # every argument is checked before a model would load (the model name here does not exist)
     for kwargs, message in [
         ({"tasks": "nope"}, "Unknown RULER task"),
-        ({"methods": "bogus"}, "Unknown method"),
+        ({"methods": "bogus"}, "(?i)unknown method"),
         ({"lengths": "100"}, "too short"),
         ({"lengths": "8x"}, "Bad --lengths"),
         ({"samples": 0}, "--samples"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
@@ -18,7 +19,8 @@ pytest.importorskip("peft")
 
 def _run(argv):
     args = vars(build_parser({"finetune": finetune}).parse_args(argv))
-    return args.pop("_command")(**{k: v for k, v in args.items() if k != "command"})
+    command = args.pop("_command")
+    return command(**{k: v for k, v in args.items() if k in inspect.signature(finetune).parameters})
 
 
 def test_finetune_command_trains_and_saves_an_adapter(tmp_path, capsys):

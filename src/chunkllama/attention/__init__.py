@@ -15,6 +15,7 @@ import torch
 
 from ..config import DCAConfig
 from ..rope import RotaryParams, apply_rope
+from .autograd import backend_for_grad, needs_grad
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -107,7 +108,8 @@ def rotate_keys(
         ``(B, H, T, D)`` in ``key.dtype``.
     """
     loaded = load_backend(backend)
-    if loaded.rope_kernel is not None and _triton_unsupported_reason(key, key, key, loaded) is None:
+    # The rotation kernel has no backward: with gradients the (bit-identical) PyTorch rotation runs.
+    if loaded.rope_kernel is not None and not needs_grad(key) and _triton_unsupported_reason(key, key, key, loaded) is None:
         return loaded.rope_kernel.rotate_at(key, positions, rope.inv_freq, rope.attention_scaling)
     return apply_rope(key, rope, positions)
 
@@ -161,7 +163,9 @@ def dca_attention(
         )
     scale = head_dim**-0.5 if scale is None else scale
     loaded = load_backend(backend)
-    if resolve_backend(loaded, query, key, value) == "triton":
+    # The Triton kernels have no backward yet: with gradients "auto" takes the (exact) reference path
+    # and "triton" raises, never a silently wrong gradient.
+    if backend_for_grad(loaded.name, resolve_backend(loaded, query, key, value), query, key, value) == "triton":
         return loaded.kernels.launch(query, key, value, query_positions, key_positions, rope, config, scale)
     return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
 
