@@ -197,3 +197,26 @@ def test_static_cache_and_beam_search():
     with torch.no_grad():
         beams = model.generate(prompt, max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=0)
     assert beams.shape == (3, 78)
+
+
+def test_no_maximum_length_warning_with_dca_and_the_unpatched_model_still_warns(monkeypatch):
+    """transformers warns ("friendly reminder ... exceeded the model's predefined maximum length")
+    once generation passes ``max_position_embeddings``; with DCA that is the point, so no warning.
+    Per instance: the unpatched twin still warns, and remove_dca brings the warning back."""
+    from transformers.generation import stopping_criteria
+
+    seen = []
+    monkeypatch.setattr(stopping_criteria.logger, "warning_once", lambda message, *a, **k: seen.append(message))
+    model = make_model("llama", max_position_embeddings=48)
+    plain = make_model("llama", max_position_embeddings=48)
+    prompt = random_ids(1, 50, seed=8)
+    apply_dca(model, pretraining_length=PRETRAINING_LENGTH)
+    _generate(model, prompt, new=3)
+    assert seen == []
+    _generate(plain, prompt, new=3)
+    assert seen and all("maximum length (48)" in message for message in seen)
+    warned = len(seen)
+    remove_dca(model)
+    _generate(model, prompt, new=3)
+    assert len(seen) > warned
+    assert "_get_stopping_criteria" not in vars(model)

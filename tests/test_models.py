@@ -78,9 +78,9 @@ def test_default_gguf_found_through_metadata(monkeypatch, tmp_path):
 def test_missing_paths_fail_clearly(tmp_path):
     with pytest.raises(FileNotFoundError, match="GGUF file not found"):
         models.resolve_model_source(tmp_path / "nope.gguf")
-    with pytest.raises(FileNotFoundError, match="Model path not found"):
+    with pytest.raises(FileNotFoundError, match="(?i)model path not found"):
         models.resolve_model_source(str(tmp_path / "no" / "such" / "dir"))
-    with pytest.raises(FileNotFoundError, match="Model path not found"):
+    with pytest.raises(FileNotFoundError, match="(?i)model path not found"):
         models.load_model("./definitely-not-here")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no config.json"):
@@ -94,6 +94,54 @@ def test_hub_ids_and_dirs(tmp_path):
     assert models.resolve_model_source(tmp_path / "m") == ("dir", tmp_path / "m")
     (tmp_path / "x.gguf").write_bytes(b"GGUF")
     assert models.resolve_model_source(str(tmp_path / "x.gguf")) == ("gguf", tmp_path / "x.gguf")
+
+
+def test_uncached_hub_id_fails_fast_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.perf_counter()
+    with pytest.raises(models.ModelSourceError) as info:
+        models.load_model("some-org/not-a-model")
+    assert time.perf_counter() - start < 3 * models.HUB_CONNECT_TIMEOUT_S
+    message = str(info.value)
+    assert "\n" not in message and "not available offline" in message and "127.0.0.1 cannot be reached" in message
+    assert ".gguf file" in message and "local model directory" in message
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelSourceError, match="HF_HUB_OFFLINE is set"):
+        models.check_model_source("some-org/not-a-model")
+
+
+def test_cached_hub_id_is_accepted_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    snapshot = tmp_path / "hub" / "models--some-org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    assert models.check_model_source("some-org/tiny") == ("hub-cached", None)
+
+
+def test_conversion_notice_names_the_cache(monkeypatch, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" * 1000)
+    monkeypatch.setenv("CHUNKLLAMA_CACHE", str(tmp_path / "cache"))
+    notice = models.conversion_notice(str(gguf))
+    assert notice is not None and "converting it once" in notice and str(models.gguf_cache_dir(gguf)) in notice
+    (models.gguf_cache_dir(gguf)).mkdir(parents=True)
+    (models.gguf_cache_dir(gguf) / "chunkllama-complete").write_text("ok\n")
+    assert models.conversion_notice(str(gguf)) is None
+    assert models.conversion_notice(str(tmp_path)) is None  # not a GGUF file
+
+
+def test_importing_models_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, chunkllama.models, chunkllama.options, chunkllama.cli; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
+    assert done.stdout.strip() == "False", done.stderr
 
 
 # --- cache location -----------------------------------------------------------------------------
@@ -208,18 +256,17 @@ def test_default_dtype():
 
 
 @pytest.mark.slow
-def test_default_model_loads_generates_and_caches(monkeypatch, tmp_path):
-    """Real SmolLM2-135M-Instruct: conversion, a sane greedy answer, and a cache hit the second time."""
+def test_default_model_loads_generates_and_caches(monkeypatch):
+    """Real SmolLM2-135M-Instruct: converted once into the user's cache (the first real-model test to run
+    pays that), a sane greedy answer, and a cache hit the second time. The conversion's atomicity and
+    retry are tested above without the real file."""
     pytest.importorskip("gguf")
     try:
         gguf = models.default_gguf_path()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    monkeypatch.setenv("CHUNKLLAMA_CACHE", str(tmp_path / "cache"))
 
-    start = time.perf_counter()
     model, tokenizer = models.load_model(device="cpu")
-    first = time.perf_counter() - start
     cache_dir = models.gguf_cache_dir(gguf)
     assert models.is_complete_cache(cache_dir)
     assert (cache_dir / "model.safetensors").is_file() and (cache_dir / "tokenizer.json").is_file()
@@ -233,12 +280,8 @@ def test_default_model_loads_generates_and_caches(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(models, "convert_gguf", lambda *a: calls.append(a))
-    start = time.perf_counter()
     again, _ = models.load_model(device="cpu")
-    second = time.perf_counter() - start
     assert calls == []  # served from the cache
-    assert second < first
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
-    print(f"first load (conversion) {first:.1f}s, cached load {second:.1f}s")
-    assert os.listdir(cache_dir.parent) == [cache_dir.name]
+    assert not [p for p in cache_dir.parent.iterdir() if p.name.startswith(f".{cache_dir.name}.tmp-")]

@@ -281,6 +281,9 @@ def test_other_instances_and_the_class_are_untouched():
     remove_dca(patched)
     assert is_dca_applied(clone)
     assert torch.equal(_logits(patched, ids), expected)
+    remove_dca(clone)  # and removing it restores the clone exactly too
+    assert not any(name in vars(m) for m in clone.modules() for name in ("forward", "save_pretrained", "_get_stopping_criteria"))
+    assert torch.equal(_logits(clone, ids), expected)
 
 
 def test_get_dca_config_reads_back_and_returns_model():
@@ -332,6 +335,106 @@ def test_written_config_round_trips_through_save_pretrained(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = apply_dca(transformers.AutoModelForCausalLM.from_pretrained(tmp_path))
     assert get_dca_config(reloaded) == cfg
+
+
+# ----------------------------------------------------------------------------- the config is per instance
+def _twin(model):
+    """A second model built from the very same config object (as transformers shares it), same weights."""
+    import transformers
+
+    twin = transformers.AutoModelForCausalLM.from_config(model.config)
+    twin.load_state_dict(model.state_dict())
+    assert twin.config is model.config
+    return twin.eval()
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [
+        ("mistral", dict(sliding_window=16)),  # sliding_window
+        ("qwen2", dict(sliding_window=16, use_sliding_window=True, max_window_layers=0)),  # layer_types
+    ],
+)
+def test_patching_one_of_two_models_sharing_a_config_leaves_the_other_bit_identical(family, overrides):
+    patched = make_model(family, **overrides)
+    other = _twin(patched)
+    shared = patched.config
+    before = shared.to_dict()
+    ids = random_ids(1, 40, seed=21)
+    with torch.no_grad():  # with the cache: the other model keeps its sliding-window cache and mask
+        expected = other.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    apply_dca(patched, pretraining_length=PRETRAINING_LENGTH)
+    assert shared.to_dict() == before and other.config is shared
+    assert patched.config is not shared and patched.model.config is patched.config
+    assert all(m.config is patched.config for m in attention_modules(patched))
+    with torch.no_grad():
+        got = other.generate(ids, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    assert torch.equal(got.sequences, expected.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(got.logits, expected.logits))
+    assert not torch.equal(_logits(patched, ids), _logits(other, ids))  # the patched one does run DCA
+    remove_dca(patched)
+    assert patched.config is shared and patched.model.config is shared
+    assert all(m.config is shared for m in patched.modules() if "config" in vars(m))
+    assert torch.equal(_logits(patched, ids), _logits(other, ids))
+
+
+@pytest.mark.parametrize("family,overrides", [("mistral", dict(sliding_window=16)), ("llama", {})])
+def test_save_pretrained_of_a_patched_model_writes_its_original_config_plus_dca(family, overrides, tmp_path):
+    import json
+
+    import transformers
+
+    model = make_model(family, **overrides)
+    ids = random_ids(1, 70, seed=22)
+    plain_logits = _logits(model, ids)
+    cfg = DCAConfig(PRETRAINING_LENGTH, chunk_size=20, local_window=2)
+    apply_dca(model, cfg)
+    dca_logits = _logits(model, ids)
+    model.save_pretrained(tmp_path)
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written.get("sliding_window") == overrides.get("sliding_window")
+    assert written["dual_chunk_attention_config"] == cfg.to_hf_dict()
+    assert "dual_chunk_attention_config" not in model.config.to_dict()  # nothing left behind
+    assert is_dca_applied(model)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert torch.equal(_logits(reloaded, ids), plain_logits)  # a plain load is the original model
+    apply_dca(reloaded)  # and apply_dca picks the saved settings up
+    assert get_dca_config(reloaded) == cfg
+    assert torch.equal(_logits(reloaded, ids), dca_logits)
+
+
+# ----------------------------------------------------------------------------- transformers features DCA cannot give
+def test_output_attentions_is_a_clear_error_never_an_empty_tuple():
+    model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH)
+    ids = random_ids(1, 30, seed=23)
+    with pytest.raises(ValueError, match="never forms the attention matrix"):
+        model(ids, output_attentions=True)
+    with pytest.raises(ValueError, match="never forms the attention matrix"):
+        model.generate(ids, max_new_tokens=2, output_attentions=True, return_dict_in_generate=True, pad_token_id=0)
+    model.config.output_attentions = True  # asked for through the config
+    with pytest.raises(ValueError, match="never forms the attention matrix"):
+        model(ids)
+    model.config.output_attentions = False
+    assert model(ids).logits.shape == (1, 30, 96)
+    remove_dca(model)  # the plain model gives its maps again
+    assert len(model(ids, output_attentions=True).attentions) == 2
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_sequences_are_a_clear_error(family):
+    """Position ids restarting inside a row (padding-free packing) are refused, not silently wrong;
+    the same sequences in rows of their own (left padded) work."""
+    model = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    ids = random_ids(1, 70, seed=24)
+    packed = torch.cat([torch.arange(45), torch.arange(25)])[None]
+    with pytest.raises(ValueError, match="packed sequences"):
+        _logits(model, ids, position_ids=packed)
+    mask = torch.ones(2, 45, dtype=torch.long)
+    mask[1, :20] = 0
+    rows = torch.zeros(2, 45, dtype=torch.long)
+    rows[0], rows[1, 20:] = ids[0, :45], ids[0, 45:]
+    got = _logits(model, rows, attention_mask=mask)
+    assert (got[1, 20:] - _logits(model, ids[:, 45:])[0]).abs().max() <= TOL
 
 
 # ----------------------------------------------------------------------------- errors

@@ -101,3 +101,60 @@ def test_row_offsets_rows_with_few_real_tokens(real, pad_value):
 def test_row_offsets_right_padding_and_shifted_positions():
     pos = torch.tensor([[0, 1, 2, 3, 1, 1], [0, 1, 1, 1, 1, 1], [5, 6, 7, 8, 9, 10]])
     assert P.row_offsets(pos, batch_size=3, q_len=6, kv_len=6).tolist() == [0, 0, -5]
+
+
+# ----------------------------------------------------------------------------- one sequence per row
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0, 1, 2, 3, 4, 5, 6],  # plain
+        [1, 1, 1, 0, 1, 2, 3],  # left padding, HF's pads at 1
+        [0, 0, 0, 0, 0, 1, 2],  # left padding with pads at 0
+        [0, 1, 2, 3, 1, 1, 1],  # right padding (the padding hook's pads at 1)
+        [0, 1, 1, 1, 1, 1, 1],  # right padding after one real token
+        [5, 6, 7, 8, 9, 10, 11],  # a later piece of a prompt
+        [1, 1, 1, 1, 1, 1, 0],  # one real token, left padded
+    ],
+)
+def test_padding_is_not_a_broken_row(row):
+    assert not P.broken_rows(torch.tensor([row])).any()
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        [0, 1, 2, 3, 0, 1, 2],  # two packed sequences
+        [0, 1, 2, 0, 1, 0, 1],  # three
+        [0, 1, 2, 3, 4, 5, 0],  # a packed last sequence of one token
+        [1, 1, 0, 1, 2, 0, 1],  # packed after left padding
+        [0, 1, 2, 10, 11, 12, 13],  # a jump
+    ],
+)
+def test_packed_or_jumping_rows_are_broken(row):
+    rows = torch.tensor([list(range(7)), row])
+    assert P.broken_rows(rows).tolist() == [False, True]
+
+
+def test_step_positions_rejects_broken_rows_with_a_clear_error_only_for_several_tokens():
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    with pytest.raises(ValueError, match="packed sequences.*own row"):
+        P.step_positions(packed, 1, 6, 0, chunk_len=4, device=torch.device("cpu"))
+    P.step_positions(packed, 1, 6, 0, chunk_len=4, device=torch.device("cpu"), check_rows=False)  # not checked
+    P.step_positions(torch.tensor([[3]]), 1, 1, 8, chunk_len=4, device=torch.device("cpu"))  # decode: never read
+
+
+def test_step_positions_with_a_device_side_cache_length():
+    """A static cache reports its length as a tensor: the same positions, computed without reading it."""
+    cpu = torch.device("cpu")
+    # (past, position ids): a left-padded prefill, then two tokens after 7 cached ones (row 0 had 2 pads)
+    for past, pos in ((0, torch.tensor([[1, 1, 0, 1, 2], [0, 1, 2, 3, 4]])), (7, torch.tensor([[5, 6], [7, 8]]))):
+        q_len = pos.shape[1]
+        as_int = P.step_positions(pos, 2, q_len, past, chunk_len=4, device=cpu)
+        as_tensor = P.step_positions(pos, 2, q_len, torch.tensor(past), chunk_len=4, device=cpu)
+        for name in ("query", "offsets", "key_rotation"):
+            assert torch.equal(getattr(as_int, name), getattr(as_tensor, name)), name
+        assert torch.equal(as_int.keys(past + q_len), as_tensor.keys(past + q_len))
+        assert torch.equal(as_int.query.clamp(min=0) % 4, as_int.key_rotation)
+    assert as_int.keys(9).tolist() == [[-2, -1, 0, 1, 2, 3, 4, 5, 6], list(range(9))]
+    step = P.step_positions(None, 2, 2, torch.tensor(7), chunk_len=4, device=cpu)
+    assert step.query.tolist() == [[7, 8], [7, 8]] and step.key_rotation.tolist() == [[3, 0], [3, 0]]

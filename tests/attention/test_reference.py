@@ -2,8 +2,10 @@
 
 Inputs are random tensors in HF's ``(batch, heads, seq, head_dim)`` layout; keys are handed to the
 op rotated at ``position % chunk_len`` (as the KV cache holds them), unrotated to the oracle.
-Paths: the *chunked* path runs when every row's positions are contiguous and no block size is
-forced; the *blocked* path when ``block_q``/``block_k`` are given or positions have gaps.
+Paths: the *static* path (no host reads: decode, ``torch.compile``) runs for few query rows; the
+*chunked* path for longer queries when every row's positions are contiguous and no block size is
+forced; the *blocked* path when ``block_q``/``block_k`` are given or positions have gaps. Each is
+also called directly.
 """
 
 from __future__ import annotations
@@ -56,10 +58,12 @@ def _run(path, q, k_rot, v, q_pos, k_pos, rope, cfg, scale=None, blocks=(None, N
         return reference_dca_attention(q, k_rot, v, q_pos, k_pos, rope, cfg, scale)
     if path == "blocked":
         return reference_module.blocked_dca_attention(q, k_rot, v, q_pos, k_pos, rope, cfg, scale, *blocks)
+    if path == "static":
+        return reference_module.static_dca_attention(q, k_rot, v, q_pos, k_pos, rope, cfg, scale, *blocks)
     raise KeyError(path)
 
 
-def _check_fp32(q, k, v, q_pos, k_pos, cfg=CFG, paths=("dca_attention", "chunked", "blocked"), blocks=(None, None), att=1.0, scale=None):
+def _check_fp32(q, k, v, q_pos, k_pos, cfg=CFG, paths=("dca_attention", "chunked", "blocked", "static"), blocks=(None, None), att=1.0, scale=None):
     inv_freq = _inv_freq(q.shape[-1])
     rope = RotaryParams(inv_freq, att)
     expected = oracle_attention(q, k, v, q_pos, k_pos, inv_freq, cfg.chunk_len, int(cfg.chunk_size), scale=scale, attention_scaling=att)
@@ -84,7 +88,7 @@ def test_prefill_matches_oracle(kv_heads, length):
 def test_blocked_path_block_sizes(blocks):
     q, k, v = _inputs(2, 4, 2, 83, 83, seed=sum(blocks))
     q_pos, k_pos = _positions(2, 83, 83, pads=[0, 6])
-    _check_fp32(q, k, v, q_pos, k_pos, paths=("blocked",), blocks=blocks)
+    _check_fp32(q, k, v, q_pos, k_pos, paths=("blocked", "static"), blocks=blocks)
 
 
 @pytest.mark.parametrize("cfg", [DCAConfig(32, local_window=0), DCAConfig(40, chunk_size=30, local_window=13), DCAConfig(8, 6, 1)])
@@ -121,6 +125,16 @@ def test_decode_equals_rows_of_prefill():
     for t in (19, 20, 21, 40, 60, 76):
         step = dca_attention(q[:, :, t : t + 1], k_rot[:, :, : t + 1], v[:, :, : t + 1], q_pos[:, t : t + 1], k_pos[:, : t + 1], rope, CFG, backend="reference")
         torch.testing.assert_close(step, full[:, :, t : t + 1], rtol=0, atol=FP32_TOL)
+
+
+@pytest.mark.parametrize("q_len,kv_len,kv_heads", [(1, 101, 2), (3, 61, 1), (16, 16, 4)])
+def test_decode_path_never_reads_positions_on_the_host(q_len, kv_len, kv_heads):
+    """Few query rows take the static path: on the meta device (no data) any host read (``int``,
+    ``bool``, ``.cpu()``, ``torch.equal``) would raise, so this proves decode never syncs."""
+    q, k, v = (t.to("meta") for t in _inputs(2, 4, kv_heads, q_len, kv_len))
+    q_pos, k_pos = (t.to("meta") for t in _positions(2, q_len, kv_len, pads=[0, 5]))
+    out = dca_attention(q, k, v, q_pos, k_pos, RotaryParams(_inv_freq(16).to("meta")), CFG, backend="reference")
+    assert out.device.type == "meta" and out.shape == (2, 4, q_len, 16)
 
 
 # ----------------------------------------------------------------------------- padding / arbitrary positions
@@ -175,8 +189,8 @@ def test_positions_with_gaps():
     k_pos = torch.stack([torch.sort(torch.randperm(200, generator=gen)[:64]).values for _ in range(2)])
     q_pos = k_pos[:, -20:].clone()
     q, k, v = _inputs(2, 4, 2, 20, 64, seed=2)
-    _check_fp32(q, k, v, q_pos, k_pos, paths=("dca_attention", "blocked"))
-    _check_fp32(q, k, v, q_pos, k_pos, paths=("blocked",), blocks=(4, 9))
+    _check_fp32(q, k, v, q_pos, k_pos, paths=("dca_attention", "blocked", "static"))
+    _check_fp32(q, k, v, q_pos, k_pos, paths=("blocked", "static"), blocks=(4, 9))
 
 
 def test_return_lse_matches_oracle_on_both_paths():
@@ -187,8 +201,9 @@ def test_return_lse_matches_oracle_on_both_paths():
     scale = 16**-0.5
     k_rot = _rotate_keys(k, k_pos, inv_freq, CFG)
     exp_out, exp_lse = oracle_attention(q, k, v, q_pos, k_pos, inv_freq, CHUNK_LEN, CHUNK_SIZE, return_lse=True)
-    for blocks in [(None, None), (7, 5)]:
-        out, lse = reference_dca_attention(q, k_rot, v, q_pos, k_pos, rope, CFG, scale, *blocks, return_lse=True)
+    for function, blocks in [(reference_dca_attention, (None, None)), (reference_dca_attention, (7, 5)),
+                             (reference_module.static_dca_attention, (None, None)), (reference_module.static_dca_attention, (9, 13))]:
+        out, lse = function(q, k_rot, v, q_pos, k_pos, rope, CFG, scale, *blocks, return_lse=True)
         assert lse.dtype == torch.float32
         assert torch.isneginf(lse[1, :, :5]).all()
         torch.testing.assert_close(lse[1, :, 5:].double(), exp_lse[1, :, 5:], rtol=0, atol=1e-5)

@@ -205,3 +205,14 @@ def test_dca_continues_from_a_plain_prefix_cache(tiny_model, tiny_tokenizer):
     assert pk.greedy_generate(tiny_model, prompt.input_ids, 4, cache=copy.deepcopy(plain_cache)) == from_scratch
     with pytest.raises(ValueError, match="more than"):
         pk.prefill(tiny_model, prompt.input_ids[:10], cache=plain_cache)
+
+
+@pytest.mark.parametrize("length", [600, 1000])
+def test_exact_prompts_have_the_asked_length(tiny_tokenizer, length):
+    plain = pk.make_passkey_prompt(tiny_tokenizer, length)
+    exact = pk.make_passkey_prompt(tiny_tokenizer, length, exact=True)
+    assert len(plain.input_ids) < length and len(exact.input_ids) == length
+    assert exact.input_ids[: len(plain.input_ids) - len(pk._encode(tiny_tokenizer, pk.QUESTION))] == \
+        plain.input_ids[: len(plain.input_ids) - len(pk._encode(tiny_tokenizer, pk.QUESTION))]
+    assert exact.text.endswith(pk.QUESTION) and exact.key_line in exact.text
+    assert exact.answer_ids == plain.answer_ids

@@ -146,7 +146,7 @@ def test_image_only_pdf_and_oversized_document_are_usage_errors(tmp_path, tiny_d
     assert "but the maximum context is 50 tokens" in err and "chunkllama chat: error:" in err
 
 
-def test_list_options_take_several_values_and_repeat():
+def test_list_options_repeat():
     parser = cli.build_parser({"chat": cli.COMMANDS["chat"]})
-    args = parser.parse_args(["chat", "--pdf", "a.pdf", "b.pdf", "--question", "one?", "--question", "two?"])
-    assert args.pdf == ["a.pdf", "b.pdf"] and args.question == ["one?", "two?"] and args.file is None
+    args = parser.parse_args(["chat", "--pdf", "a.pdf", "--pdf", "b.pdf", "--question", "one?", "--question", "two?"])
+    assert args.pdf == ["a.pdf", "b.pdf"] and args.question == ["one?", "two?"] and not args.file

@@ -8,10 +8,13 @@ inputs and the reference elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
+import types
+
 import torch
 
 from ..config import DCAConfig
-from ..rope import RotaryParams, apply_rope, rope_cos_sin
+from ..rope import RotaryParams, apply_rope
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -23,33 +26,79 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def _triton_unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take these inputs (None when they can)."""
-    try:
-        from . import triton_dispatch
-    except ImportError as exc:  # triton not installed, or kernels not built for this platform
-        return f"the Triton kernels are unavailable ({exc})"
-    return triton_dispatch.unsupported_reason(query, key, value)
+@dataclasses.dataclass(frozen=True)
+class LoadedBackend:
+    """A backend name with its kernel modules imported once (see :func:`load_backend`).
+
+    Passing one instead of a name keeps every call free of imports, which ``torch.compile``
+    (``fullgraph=True``) cannot trace and which cost host time on every decode step.
+
+    Attributes:
+        name: "auto", "reference" or "triton".
+        kernels: :mod:`.triton_dispatch`, or None when Triton is not asked for or not available.
+        rope_kernel: :mod:`.triton_rope`, or None likewise.
+        unavailable: why ``kernels`` is None (None when it is not).
+    """
+
+    name: str
+    kernels: types.ModuleType | None = None
+    rope_kernel: types.ModuleType | None = None
+    unavailable: str | None = None
+
+    def __deepcopy__(self, memo: dict) -> "LoadedBackend":
+        return self  # immutable; modules cannot be copied
+
+    def __reduce__(self) -> tuple:
+        return load_backend, (self.name,)  # pickles by name, imports again on load
 
 
-def resolve_backend(backend: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str:
-    """The backend that will actually run: "reference" or "triton"."""
+def load_backend(backend: str | LoadedBackend) -> LoadedBackend:
+    """Resolve a backend name once: check it and import the Triton kernels it may use."""
+    if isinstance(backend, LoadedBackend):
+        return backend
     check_backend(backend)
     if backend == "reference":
+        return LoadedBackend("reference", unavailable="backend='reference' was asked for")
+    try:
+        from . import triton_dispatch, triton_rope
+    except ImportError as exc:  # triton not installed, or kernels not built for this platform
+        return LoadedBackend(backend, unavailable=f"the Triton kernels are unavailable ({exc})")
+    return LoadedBackend(backend, triton_dispatch, triton_rope)
+
+
+def _triton_unsupported_reason(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str | LoadedBackend = "auto"
+) -> str | None:
+    """Why the Triton kernels cannot take these inputs (None when they can)."""
+    loaded = load_backend(backend)
+    if loaded.kernels is None:
+        return loaded.unavailable
+    return loaded.kernels.unsupported_reason(query, key, value)
+
+
+def resolve_backend(
+    backend: str | LoadedBackend, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+) -> str:
+    """The backend that will actually run: "reference" or "triton"."""
+    loaded = load_backend(backend)
+    if loaded.name == "reference":
         return "reference"
-    reason = _triton_unsupported_reason(query, key, value)
+    reason = _triton_unsupported_reason(query, key, value, loaded)
     if reason is None:
         return "triton"
-    if backend == "triton":
+    if loaded.name == "triton":
         raise ValueError(f"backend='triton' cannot run these inputs: {reason}. Use backend='auto' or 'reference'.")
     return "reference"
 
 
-def rotate_keys(key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+def rotate_keys(
+    key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, backend: str | LoadedBackend = "auto"
+) -> torch.Tensor:
     """Keys rotated at ``positions``: :func:`chunkllama.rope.apply_rope`, bit for bit.
 
     Where ``backend`` would run the Triton kernels on ``key`` (CUDA, fp16/bf16, head_dim 64/128),
-    the rotation is one fused kernel (:mod:`.triton_rope`) instead of five PyTorch ops.
+    the rotation is one fused kernel (:func:`.triton_rope.rotate_at`: angles, cos and sin computed
+    inside from ``positions`` and ``rope.inv_freq``) instead of ~13 PyTorch ops.
 
     Args:
         key: ``(B, H, T, D)``.
@@ -57,10 +106,9 @@ def rotate_keys(key: torch.Tensor, rope: RotaryParams, positions: torch.Tensor, 
     Returns:
         ``(B, H, T, D)`` in ``key.dtype``.
     """
-    if backend != "reference" and _triton_unsupported_reason(key, key, key) is None:
-        from . import triton_rope
-
-        return triton_rope.rotate(key, *rope_cos_sin(rope, positions, key.dtype))
+    loaded = load_backend(backend)
+    if loaded.rope_kernel is not None and _triton_unsupported_reason(key, key, key, loaded) is None:
+        return loaded.rope_kernel.rotate_at(key, positions, rope.inv_freq, rope.attention_scaling)
     return apply_rope(key, rope, positions)
 
 
@@ -73,7 +121,7 @@ def dca_attention(
     rope: RotaryParams,
     config: DCAConfig,
     scale: float | None = None,
-    backend: str = "auto",
+    backend: str | LoadedBackend = "auto",
 ) -> torch.Tensor:
     """Dual Chunk Attention of ``query`` over ``key``/``value``.
 
@@ -89,7 +137,7 @@ def dca_attention(
         rope: the model's rotary frequencies and attention scaling.
         config: chunk lengths.
         scale: softmax scale; defaults to ``D ** -0.5``.
-        backend: "auto", "reference" or "triton".
+        backend: "auto", "reference" or "triton", or a :class:`LoadedBackend` (no import per call).
     Returns:
         ``(B, Hq, Tq, Dv)`` in ``query.dtype``. Rows that see no key (padding) are 0.
         Softmax statistics are kept in fp32 whatever the input dtype.
@@ -112,11 +160,10 @@ def dca_attention(
             f"{tuple(query_positions.shape)} and {tuple(key_positions.shape)}."
         )
     scale = head_dim**-0.5 if scale is None else scale
-    if resolve_backend(backend, query, key, value) == "triton":
-        from . import triton_dispatch
-
-        return triton_dispatch.launch(query, key, value, query_positions, key_positions, rope, config, scale)
+    loaded = load_backend(backend)
+    if resolve_backend(loaded, query, key, value) == "triton":
+        return loaded.kernels.launch(query, key, value, query_positions, key_positions, rope, config, scale)
     return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
 
 
-__all__ = ["BACKENDS", "dca_attention", "reference_dca_attention", "resolve_backend", "rotate_keys"]
+__all__ = ["BACKENDS", "LoadedBackend", "dca_attention", "load_backend", "reference_dca_attention", "resolve_backend", "rotate_keys"]

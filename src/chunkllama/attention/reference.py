@@ -1,8 +1,17 @@
 """Readable PyTorch Dual Chunk Attention: exact, never a T×T matrix.
 
-:func:`reference_dca_attention` takes the chunked path (:mod:`.chunked`: a few fused attention
-calls per chunk) when each row's positions are contiguous — always the case inside a patched
-model — and the generic blocked path below otherwise.
+:func:`reference_dca_attention` picks one of three exact paths:
+
+- **static** (:func:`static_dca_attention`): every decision is made from tensor shapes, never from
+  position values, so it never waits for the device and ``torch.compile(fullgraph=True)`` traces
+  it. Each query is rotated three ways and scored against every key in one matmul; the chunk
+  relation of each pair picks its score. Taken for few query rows (decode, speculative steps:
+  ``groups * Tq <= STATIC_MAX_ROWS``, where it costs one pass over the keys like plain decoding)
+  and always while ``torch.compile`` traces (prefill then costs ~3x the dense QK^T products).
+- **chunked** (:mod:`.chunked`: a few fused attention calls per chunk) when each row's positions are
+  contiguous — always the case inside a patched model — for prefill. It reads the positions on
+  the host once per call.
+- **blocked** (below) otherwise.
 
 Blocked path: queries are taken ``block_q`` at a time and keys ``block_k`` at a time. For each block pair the
 score of every (query, key) pair uses the query rotation its chunk relation asks for
@@ -22,6 +31,8 @@ from .chunked import chunked_dca_attention, contiguous_offsets
 from .merge import merge_partials
 
 DEFAULT_BLOCK = 1024
+STATIC_MAX_ROWS = 64  # query rows per KV head up to which the static path is taken in eager mode
+_STATIC_BLOCK_Q = 256
 
 
 def _block_size(chunk_len: int, limit: int) -> int:
@@ -93,7 +104,7 @@ def blocked_dca_attention(
         acc = torch.zeros(batch, kv_heads, groups * rows, value_dim, dtype=torch.float32, device=query.device)
         lse = torch.full((batch, kv_heads, groups * rows), float("-inf"), dtype=torch.float32, device=query.device)
         if q_valid.numel():
-            q_block = query[:, :, q_start:q_end].to(torch.float32) * scale
+            q_block = _fp32(query[:, :, q_start:q_end]) * scale
             rotated = {
                 kind: apply_rope(q_block, rope, pos.clamp(min=0)).reshape(batch, kv_heads, groups * rows, -1)
                 for kind, pos in zip((INTRA, SUCCESSIVE, INTER), query_rope_positions(q_pos, chunk_len, chunk_size))
@@ -129,6 +140,93 @@ def blocked_dca_attention(
     return (out, lse_out) if return_lse else out
 
 
+def _fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float32 else x.to(torch.float32)
+
+
+def _static_relation(q_pos: torch.Tensor, k_pos: torch.Tensor, chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~chunkllama.positions.chunk_relation` in the form the static path consumes, in few ops.
+
+    Args:
+        q_pos: int64 ``(B, n)``; k_pos: int64 ``(B, m)``.
+    Returns:
+        ``pick`` int64 ``(B, 1, 1, 1, n, m)``: 0 intra, 1 successive, 2 inter (the row of the stacked
+        rotations to read); ``masked`` bool ``(B, 1, 1, n, m)``: future keys and padding.
+    """
+    q_chunk = torch.div(q_pos, chunk_len, rounding_mode="floor")[:, :, None]
+    k_chunk = torch.div(k_pos, chunk_len, rounding_mode="floor")[:, None, :]
+    pick = (q_chunk - k_chunk).clamp_(0, 2)
+    # a padding query (negative) sees only keys with smaller positions, all padding too
+    masked = (k_pos[:, None, :] > q_pos[:, :, None]) | (k_pos < 0)[:, None, :]
+    return pick[:, None, None, None], masked[:, None, None]
+
+
+def static_dca_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    query_positions: torch.Tensor,
+    key_positions: torch.Tensor,
+    rope: RotaryParams,
+    config: DCAConfig,
+    scale: float,
+    block_q: int | None = None,
+    block_k: int | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Dual Chunk Attention with no host reads of positions (decode; ``torch.compile``).
+
+    Same contract as :func:`blocked_dca_attention`. The three rotations of a query block are
+    stacked as rows, so one fp32 matmul per key block scores every (query, key) pair all three
+    ways; :func:`~chunkllama.positions.chunk_relation` picks the right one (or masks the pair).
+    Blocks are fixed by shapes alone: with few rows all keys form one block
+    (extra memory ``O(B · Hq · 3 · Tq · Tk)`` fp32), else ``block_q`` x ``block_k`` tiles merged
+    through their log-sum-exp (no block is skipped: ~3x the QK^T work of dense attention).
+    """
+    batch, q_heads, q_len, head_dim = query.shape
+    kv_heads, kv_len = key.shape[1], key.shape[2]
+    groups = q_heads // kv_heads
+    chunk_len, chunk_size = config.chunk_len, int(config.chunk_size)  # type: ignore[arg-type]
+    block_q = block_q or min(q_len, _STATIC_BLOCK_Q)
+    block_k = block_k or (kv_len if groups * block_q <= STATIC_MAX_ROWS else DEFAULT_BLOCK)
+    outs, lses = [], []
+    for q_start in range(0, q_len, block_q):
+        q_end = min(q_start + block_q, q_len)
+        rows = q_end - q_start
+        q_pos = query_positions[:, q_start:q_end]
+        # (B, 3·rows): the intra, successive and inter positions, one after the other
+        three = torch.cat(query_rope_positions(q_pos.clamp(min=0), chunk_len, chunk_size), dim=1)
+        q_block = _fp32(query[:, :, q_start:q_end]) * scale
+        rotated = apply_rope(q_block.repeat(1, 1, 3, 1), rope, three).reshape(batch, kv_heads, groups * 3 * rows, head_dim)
+        acc = lse = None
+        for k_start in range(0, kv_len, block_k):
+            k_end = min(k_start + block_k, kv_len)
+            cols = k_end - k_start
+            scores = torch.matmul(rotated, _fp32(key[:, :, k_start:k_end]).transpose(-1, -2))
+            scores = scores.view(batch, kv_heads, groups, 3, rows, cols)
+            pick, masked = _static_relation(q_pos, key_positions[:, k_start:k_end], chunk_len)
+            scores = scores.gather(3, pick.expand(batch, kv_heads, groups, 1, rows, cols)).squeeze(3)
+            scores = scores.masked_fill(masked, float("-inf"))
+            scores = scores.view(batch, kv_heads, groups * rows, cols)
+            block_lse = torch.logsumexp(scores, dim=-1)
+            safe = torch.where(torch.isfinite(block_lse), block_lse, torch.zeros_like(block_lse))
+            probs = torch.exp(scores - safe.unsqueeze(-1))
+            block_out = torch.matmul(probs, _fp32(value[:, :, k_start:k_end]))
+            if acc is None:
+                acc, lse = block_out, block_lse
+            else:
+                acc, lse = merge_partials(acc, lse, block_out, block_lse)
+        if acc is None:  # no keys at all
+            acc = torch.zeros(batch, kv_heads, groups * rows, value.shape[-1], dtype=torch.float32, device=query.device)
+            lse = torch.full((batch, kv_heads, groups * rows), float("-inf"), dtype=torch.float32, device=query.device)
+        outs.append(acc.view(batch, q_heads, rows, -1))
+        lses.append(lse.view(batch, q_heads, rows))
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)).to(query.dtype)
+    if not return_lse:
+        return out
+    return out, lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)
+
+
 def reference_dca_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -144,10 +242,16 @@ def reference_dca_attention(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dual Chunk Attention in plain PyTorch (CPU or CUDA; fp32, bf16, fp16).
 
-    Same contract as :func:`blocked_dca_attention`; takes the chunked fused path when positions are
-    contiguous per row and no block size is forced, the blocked path otherwise.
+    Same contract as :func:`blocked_dca_attention`. Without forced block sizes: the static path
+    while ``torch.compile`` traces or for few query rows, the chunked fused path when positions are
+    contiguous per row, the blocked path otherwise (see the module docstring).
     """
     if block_q is None and block_k is None:
+        groups = query.shape[1] // key.shape[1]
+        if torch.compiler.is_compiling() or groups * query.shape[2] <= STATIC_MAX_ROWS:
+            return static_dca_attention(
+                query, key, value, query_positions, key_positions, rope, config, scale, return_lse=return_lse
+            )
         offsets = contiguous_offsets(query_positions.detach().cpu(), key_positions.detach().cpu())
         if offsets is not None:
             out, lse = chunked_dca_attention(query, key, value, offsets, rope, config, scale)

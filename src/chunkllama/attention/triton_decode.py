@@ -5,7 +5,8 @@ with keys rotated at ``p % chunk_len``.
 
 Pass 1 (``_dca_decode_split_kernel``), grid ``(B * Hk, splits)``: one program packs the ``groups * Tq``
 query rows that share one KV head (GQA: K/V are read once per KV head, never repeated), keeps the
-three rotations of those rows in registers and walks its share of the visible key tiles. Tiles
+three rotations of those rows in registers (each as a high and a low part: the query keeps fp32
+precision through the score dots) and walks its share of the visible key tiles. Tiles
 wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
 per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
 Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk, groups * Tq)``: merges the splits by
@@ -35,13 +36,31 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _rotated_query(q_ptrs, q_sw_ptrs, row_mask, rot_pos, inv_freq, sign, attn_scaling, qk_scale, DTYPE: tl.constexpr):
-    """Load the query tile and rotate it at per-row positions ``rot_pos``; pre-scaled by ``qk_scale``."""
+    """Load the query tile and rotate it at per-row positions ``rot_pos``, pre-scaled by ``qk_scale``.
+
+    Returned as two tiles in ``DTYPE`` whose sum is the fp32 rotation to ~16 significant bits
+    (``hi`` rounded, ``lo`` the rounding error): the scores take one dot of each, so the query
+    loses no precision to the low-precision dot (the reference path's rotated query is one
+    bf16 tensor). Decode is bound by reading K/V, so the second dot should cost little; not yet
+    timed on a GPU (``CHUNKLLAMA_DECODE_QSPLIT=0`` restores the single dot for A/B runs).
+    """
     q = tl.load(q_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     q_sw = tl.load(q_sw_ptrs, mask=row_mask[:, None], other=0.0).to(tl.float32)
     angle = rot_pos.to(tl.float32)[:, None] * inv_freq[None, :]
     cos = tl.cos(angle) * attn_scaling
     sin = tl.sin(angle) * attn_scaling
-    return ((q * cos + sign[None, :] * q_sw * sin) * qk_scale).to(DTYPE)
+    rotated = (q * cos + sign[None, :] * q_sw * sin) * qk_scale
+    hi = rotated.to(DTYPE)
+    return hi, (rotated - hi.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def _scores(q_hi, q_lo, k, QSPLIT: tl.constexpr):
+    """``(q_hi + q_lo) @ k`` in fp32 (two low-precision dots into one accumulator); ``q_hi @ k`` without ``QSPLIT``."""
+    qk = tl.dot(q_hi, k)
+    if QSPLIT:
+        qk = tl.dot(q_lo, k, qk)
+    return qk
 
 
 @triton.jit
@@ -51,7 +70,7 @@ def _dca_decode_split_kernel(
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -80,11 +99,11 @@ def _dca_decode_split_kernel(
     q_sw_ptrs = q_base + sw_d[None, :]
     qpos_c = tl.maximum(qpos, 0)
     in_chunk = qpos_c % chunk_len
-    q_intra = _rotated_query(q_ptrs, q_sw_ptrs, row_in, in_chunk, inv_freq, sign, attn_scaling, qk_scale, DTYPE)
-    q_succ = _rotated_query(q_ptrs, q_sw_ptrs, row_in, tl.minimum(in_chunk + chunk_len, chunk_size), inv_freq,
-                            sign, attn_scaling, qk_scale, DTYPE)
-    q_inter = _rotated_query(q_ptrs, q_sw_ptrs, row_in, tl.zeros_like(in_chunk) + chunk_size, inv_freq, sign,
-                             attn_scaling, qk_scale, DTYPE)
+    qa_hi, qa_lo = _rotated_query(q_ptrs, q_sw_ptrs, row_in, in_chunk, inv_freq, sign, attn_scaling, qk_scale, DTYPE)
+    qb_hi, qb_lo = _rotated_query(q_ptrs, q_sw_ptrs, row_in, tl.minimum(in_chunk + chunk_len, chunk_size), inv_freq,
+                                  sign, attn_scaling, qk_scale, DTYPE)
+    qi_hi, qi_lo = _rotated_query(q_ptrs, q_sw_ptrs, row_in, tl.zeros_like(in_chunk) + chunk_size, inv_freq, sign,
+                                  attn_scaling, qk_scale, DTYPE)
     qc = qpos_c // chunk_len
     c_lo = tl.maximum(q_lo, 0) // chunk_len
 
@@ -106,12 +125,12 @@ def _dca_decode_split_kernel(
         k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
         if (t + 1) * BLOCK_N <= inter_pos_end:
-            qk = tl.dot(q_inter, k)
+            qk = _scores(qi_hi, qi_lo, k, QSPLIT)
         else:
             gap = qc[:, None] - (kpos // chunk_len)[None, :]
-            qk = tl.dot(q_intra, k)
-            qk = tl.where(gap == 1, tl.dot(q_succ, k), qk)
-            qk = tl.where(gap >= 2, tl.dot(q_inter, k), qk)
+            qk = _scores(qa_hi, qa_lo, k, QSPLIT)
+            qk = tl.where(gap == 1, _scores(qb_hi, qb_lo, k, QSPLIT), qk)
+            qk = tl.where(gap >= 2, _scores(qi_hi, qi_lo, k, QSPLIT), qk)
         visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -184,30 +203,26 @@ def _decode_config() -> tuple[int, int, int, int]:
     return 128, 8, 2, 2  # best of bench_attention.py --tune-decode on an H100 (graph replays, 16k and 128k)
 
 
+def query_split() -> bool:
+    """Whether the score dots take each rotated query as bf16 ``hi + lo`` (default) or as one rounded tile
+    (``CHUNKLLAMA_DECODE_QSPLIT=0``: the kernel as it was before the split, e.g. for A/B timing)."""
+    return os.environ.get("CHUNKLLAMA_DECODE_QSPLIT", "1") != "0"
+
+
 def decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
     """Packed query rows per KV head (``groups * Tq``) rounded up to a power of two, at least 16."""
     return max(16, 1 << ((q_heads // kv_heads) * q_len - 1).bit_length())
 
 
-def dca_decode(
+def _launch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query_positions: torch.Tensor, key_positions: torch.Tensor,
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
     splits: int | None = None,
 ) -> torch.Tensor:
-    """Launch split-K decode + merge. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``.
-
-    ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
-    fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it).
-    """
-    if not query_positions.is_contiguous():
-        query_positions = query_positions.contiguous()
-    if not key_positions.is_contiguous():
-        key_positions = key_positions.contiguous()
+    """Body of :func:`dca_decode` (inputs checked and converted), also the custom op's."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    if head_dim not in (64, 128) or value.shape[-1] != head_dim:
-        raise ValueError(f"dca_decode needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")
     block_m = decode_rows(q_heads, kv_heads, q_len)
     block_n, warps, stages, per_sm = _decode_config()
     device = query.device
@@ -225,10 +240,50 @@ def dca_decode(
         query, key, value, o_part, l_part, query_positions, key_positions, inv_freq,
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         q_len, kv_len, kv_heads, groups, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=query_split(),
+        num_warps=warps, num_stages=stages,
     )
     _dca_decode_merge_kernel[(batch * kv_heads, groups * q_len)](
         o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,
         splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_S=16 if _INTERPRET else 32, num_warps=1 if _INTERPRET else 4,
     )
     return out
+
+
+_decode_op = torch.library.custom_op("chunkllama::dca_decode", _launch, mutates_args=())
+
+
+@_decode_op.register_fake
+def _(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len, chunk_size, scale,
+      splits=None):
+    batch, q_heads, q_len, head_dim = query.shape
+    return query.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
+
+
+def dca_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_positions: torch.Tensor, key_positions: torch.Tensor,
+    inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Launch split-K decode + merge. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``
+    (``(B, Hq, Tq, D)`` laid out as ``(B, Tq, Hq, D)`` in memory).
+
+    ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
+    fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it). Under
+    ``torch.compile`` this is the custom op ``chunkllama::dca_decode`` (fake implementation
+    registered, so the graph does not break); eagerly the launcher runs directly, without the
+    dispatcher's round trip.
+    """
+    head_dim = query.shape[-1]
+    if head_dim not in (64, 128) or value.shape[-1] != head_dim:
+        raise ValueError(f"dca_decode needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")
+    if not query_positions.is_contiguous():
+        query_positions = query_positions.contiguous()
+    if not key_positions.is_contiguous():
+        key_positions = key_positions.contiguous()
+    if torch.compiler.is_compiling():
+        return _decode_op(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len,
+                          chunk_size, scale, splits)
+    return _launch(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len,
+                   chunk_size, scale, splits)

@@ -85,7 +85,7 @@ def launch(
     """DCA through the fused kernels, contract of :func:`chunkllama.attention.dca_attention`, for inputs
     that :func:`unsupported_reason` accepted (the caller checks once; decode comes here once per layer
     and token, so nothing is checked twice)."""
-    if os.environ.get("CHUNKLLAMA_CHECK_POSITIONS", "0") == "1":
+    if not torch.compiler.is_compiling() and os.environ.get("CHUNKLLAMA_CHECK_POSITIONS", "0") == "1":
         _check_positions(query_positions, key_positions)
     # Conversions only when needed: on the decode path every call's host time counts.
     if query.stride(-1) != 1:

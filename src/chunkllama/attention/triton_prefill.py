@@ -254,38 +254,69 @@ def _config(head_dim: int) -> tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
-def dca_prefill(
+def _launch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query_positions: torch.Tensor, key_positions: torch.Tensor,
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
 ) -> torch.Tensor:
-    """Launch the fused prefill kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``.
-
-    ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
-    fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it).
-    """
+    """Body of :func:`dca_prefill` (inputs checked and converted), also the custom op's."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
-    assert head_dim in (64, 128) and value.shape[-1] == head_dim, "head_dim must be 64 or 128"
-    assert query.stride(-1) == 1 and key.stride(-1) == 1 and value.stride(-1) == 1
-    assert q_heads % kv_heads == 0
     # (B, T, H, D) in memory, as SDPA-flash returns it: the model's transpose + reshape is then free.
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
-    qpos = query_positions if query_positions.stride(-1) == 1 else query_positions.contiguous()
-    kpos = key_positions if key_positions.stride(-1) == 1 else key_positions.contiguous()
     # cos/sin of every rotation position 0..chunk_size, computed as rope.py does (fp32 angles).
     angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
     block_m, block_n, warps, stages = _config(head_dim)
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _dca_prefill_kernel[grid](
-        query, key, value, out, qpos, kpos, cos_table, sin_table,
+        query, key, value, out, query_positions, key_positions, cos_table, sin_table,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        qpos.stride(0), kpos.stride(0),
+        query_positions.stride(0), key_positions.stride(0),
         q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+_prefill_op = torch.library.custom_op("chunkllama::dca_prefill", _launch, mutates_args=())
+
+
+@_prefill_op.register_fake
+def _(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len, chunk_size, scale):
+    batch, q_heads, q_len, head_dim = query.shape
+    return query.new_empty(batch, q_len, q_heads, head_dim).transpose(1, 2)
+
+
+def dca_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_positions: torch.Tensor, key_positions: torch.Tensor,
+    inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
+) -> torch.Tensor:
+    """Launch the fused prefill kernel. Shapes as :func:`chunkllama.attention.dca_attention`; returns ``out``
+    (``(B, Hq, Tq, D)`` laid out as ``(B, Tq, Hq, D)`` in memory).
+
+    ``query_positions``/``key_positions`` must be int64 on the device of ``query``, ``inv_freq``
+    fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it). Under
+    ``torch.compile`` this is the custom op ``chunkllama::dca_prefill`` (fake implementation
+    registered); eagerly the launcher runs directly.
+    """
+    q_heads, head_dim = query.shape[1], query.shape[-1]
+    if head_dim not in (64, 128) or value.shape[-1] != head_dim:
+        raise ValueError(f"dca_prefill needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("dca_prefill needs query, key and value with a contiguous last dimension.")
+    if q_heads % key.shape[1]:
+        raise ValueError(f"query heads ({q_heads}) must be a multiple of key/value heads ({key.shape[1]}).")
+    if query_positions.stride(-1) != 1:
+        query_positions = query_positions.contiguous()
+    if key_positions.stride(-1) != 1:
+        key_positions = key_positions.contiguous()
+    if torch.compiler.is_compiling():
+        return _prefill_op(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len,
+                           chunk_size, scale)
+    return _launch(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len,
+                   chunk_size, scale)

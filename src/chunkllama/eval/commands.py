@@ -5,36 +5,62 @@ Each ``run_*`` function is the Python API of a task: it loads the model (or take
 (``summary.json``, ``samples.jsonl``, ``table.md``, plots) and returns the summary rows. The
 ``eval_*`` functions are the same with keyword-only, CLI-typed parameters; ``chunkllama.cli``
 registers them as ``eval ppl``, ``eval passkey``, ``eval needle`` and ``eval longqa``.
+
+Every ``run_*`` checks its inputs and finds its data files before it loads the model, and this
+module imports nothing heavy at import time (the command line reads it for ``--help``).
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
+
+from .. import options
+from .method_specs import methods as checked_methods
 
 DEFAULT_METHODS = "none,yarn,ntk,dca"
 
 
-def parse_length(text: str) -> int:
-    """``"4096"``, ``"4k"`` (= 4096), ``"1.5k"`` -> tokens."""
-    text = text.strip().lower()
-    if text.endswith("k"):
-        return int(round(float(text[:-1]) * 1024))
-    return int(text)
+def parse_length(text: str | int) -> int:
+    """``"4096"``, ``"4k"`` (= 4096), ``"1.5k"`` -> tokens (raises :class:`chunkllama.options.OptionError`)."""
+    return options.length(text)
 
 
 def parse_lengths(items: str | Sequence[str]) -> list[int]:
+    """``"4k,8k"`` or ``["4k", "8192"]`` -> ``[4096, 8192]``."""
     if isinstance(items, str):
         items = [items]
     return [parse_length(p) for item in items for p in str(item).split(",") if p.strip()]
 
 
+def _data_path(data: str | None, accepted: str, find: Any) -> Any:
+    """``find(data)`` (a data loader); a missing path or data folder becomes a ``--data`` error."""
+    if data is not None and not str(data).startswith("hf://") and not Path(data).expanduser().exists():
+        raise options.OptionError(data, "no such file or directory", accepted, option="--data")
+    try:
+        return find(data)
+    except FileNotFoundError as exc:
+        raise options.OptionError(data if data is not None else "(default)", str(exc).rstrip("."), accepted,
+                                  option="--data") from None
+
+
+def _checked(option: str, check: Any, value: Any) -> Any:
+    """``check(value)``, naming ``option`` in the error (the Python API gets the same one-line errors)."""
+    try:
+        return check(value)
+    except options.OptionError as exc:
+        raise exc.for_option(option) from None
+
+
 def _load(model: Any, dtype: str | None, device: str | None) -> tuple[Any, Any]:
     if isinstance(model, tuple):
         return model
-    from ..models import load_model
+    from ..models import conversion_notice, load_model
 
+    notice = conversion_notice(model)
+    if notice:
+        print(notice, flush=True)
     t0 = time.perf_counter()
     loaded = load_model(model, dtype=dtype, device=device)
     print(f"loaded {model or 'default model (SmolLM2-135M-Instruct)'} in {time.perf_counter() - t0:.1f}s", flush=True)
@@ -62,15 +88,19 @@ def run_ppl(
     """PG19 perplexity. ``model`` is a name/path for :func:`chunkllama.load_model`, None for the
     default model, or a ``(model, tokenizer)`` pair."""
     from .data import pg19_corpus
-    from .methods import parse_methods
+    from .method_specs import parse_methods
+
+    specs = _checked("--methods", parse_methods, methods)
+    ls = _checked("--lengths", parse_lengths, lengths)
+    corpus = _data_path(data, "a folder holding pg19/, the pg19 folder itself, or hf://emozilla/pg19-test",
+                        pg19_corpus)
     from .perplexity import evaluate_ppl, tokenize_corpus
     from .report import pivot_table, plot_vs_length, write_report
 
     lm, tokenizer = _load(model, dtype, device)
     t0 = time.perf_counter()
-    tokens = tokenize_corpus(tokenizer, pg19_corpus(data))
+    tokens = tokenize_corpus(tokenizer, corpus)
     print(f"pg19 corpus: {tokens.numel()} tokens (tokenized in {time.perf_counter() - t0:.1f}s)", flush=True)
-    specs, ls = parse_methods(methods), parse_lengths(lengths)
     rows, samples = evaluate_ppl(lm, tokens, ls, specs, n_windows, stride, slice_size, pretraining_length, progress)
     table = pivot_table(rows, "ppl")
     settings = {"model": _model_name(model), "n_corpus_tokens": tokens.numel(), "n_windows": n_windows,
@@ -95,12 +125,14 @@ def run_passkey(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Passkey retrieval over lengths x ``depths`` depths (``trials`` prompts per depth)."""
-    from .methods import parse_methods
+    from .method_specs import parse_methods
+
+    specs = _checked("--methods", parse_methods, methods)
+    ls = _checked("--lengths", parse_lengths, lengths)
     from .passkey_task import evaluate_passkey
     from .report import pivot_table, plot_vs_length, write_report
 
     lm, tokenizer = _load(model, dtype, device)
-    specs, ls = parse_methods(methods), parse_lengths(lengths)
     rows, samples = evaluate_passkey(lm, tokenizer, ls, specs, depths, trials, greedy, pretraining_length, progress)
     table = pivot_table(rows, lambda r: f"{r['correct']}/{r['n']}")
     settings = {"model": _model_name(model), "depths": depths, "trials_per_depth": trials,
@@ -127,14 +159,17 @@ def run_needle(
 ) -> list[dict[str, Any]]:
     """Needle in a haystack over lengths x ``depths`` evenly spaced depths; one heatmap per method."""
     from .data import essays_text
-    from .methods import parse_methods
+    from .method_specs import parse_methods
+
+    specs = _checked("--methods", parse_methods, methods)
+    ls = _checked("--lengths", parse_lengths, lengths)
+    haystack = _data_path(data, "a folder holding paul_graham_essays/, or that folder itself", essays_text)
     from .needle import depth_grid, evaluate_needle, plot_heatmap
     from .report import pivot_table, write_report
 
-    lm, tokenizer = _load(model, dtype, device)
-    specs, ls = parse_methods(methods), parse_lengths(lengths)
     grid = depth_grid(depths)
-    rows, samples = evaluate_needle(lm, tokenizer, essays_text(data), ls, grid, specs, max_new_tokens, chat,
+    lm, tokenizer = _load(model, dtype, device)
+    rows, samples = evaluate_needle(lm, tokenizer, haystack, ls, grid, specs, max_new_tokens, chat,
                                     pretraining_length, progress)
     table = pivot_table(rows, lambda r: f"{r['found']}/{r['n']}")
     settings = {"model": _model_name(model), "depths": grid, "methods": [s.label for s in specs], "lengths": ls,
@@ -166,20 +201,29 @@ def run_longqa(
 ) -> list[dict[str, Any]]:
     """L-Eval (or few-shot JSONL) QA; ``limit`` = first N questions of each task."""
     from .data import leval_task, leval_task_files
+    from .method_specs import parse_methods
+
+    specs = _checked("--methods", parse_methods, methods)
+    length = _checked("--max-length", parse_length, max_length)
+    task_names = [t.strip() for item in ([tasks] if isinstance(tasks, str) else (tasks or []))
+                  for t in item.split(",") if t.strip()]
+    if isinstance(data, str) and data.startswith("hf://"):
+        if not task_names:
+            raise options.OptionError(data, "a hub source needs the task names", "--tasks NAMES, e.g. coursera,tpo",
+                                      option="--data")
+        records = {t: leval_task(data, t) for t in task_names}
+    else:
+        found = _data_path(data, "a .jsonl file, a folder of them, a folder holding leval/, or hf://L4NLP/LEval",
+                           leval_task_files)
+        missing = [t for t in task_names if t not in found]
+        if missing:
+            raise options.OptionError(tasks, f"no task {', '.join(missing)} in the data",
+                                      ", ".join(sorted(found)) or "(none found)", option="--tasks")
+        records = {t: _read(found[t]) for t in (task_names or found)}
     from .longqa import evaluate_longqa
-    from .methods import parse_methods
     from .report import pivot_table, write_report
 
     lm, tokenizer = _load(model, dtype, device)
-    specs = parse_methods(methods)
-    task_names = [t for item in ([tasks] if isinstance(tasks, str) else (tasks or [])) for t in item.split(",") if t]
-    if isinstance(data, str) and data.startswith("hf://"):
-        if not task_names:
-            raise ValueError("With --data hf://... name the tasks with --tasks (e.g. coursera,tpo).")
-        records = {t: leval_task(data, t) for t in task_names}
-    else:
-        records = {t: _read(p) for t, p in leval_task_files(data, task_names or None).items()}
-    length = parse_length(str(max_length))
     rows, samples = evaluate_longqa(lm, tokenizer, records, specs, length, limit, max_new_tokens, chat,
                                     pretraining_length, progress)
     table = pivot_table(rows, "score", row_key="task", col_key="method", col_format=str)
@@ -198,22 +242,31 @@ def _read(path: Path) -> list[dict[str, Any]]:  # noqa: D103
 
 # ----------------------------------------------------------------------------- CLI commands
 # Typed functions registered in chunkllama.cli.COMMANDS as "eval ppl", "eval passkey", ...; their
-# keyword-only parameters become --options and the docstrings' Args: their help.
+# keyword-only parameters become --options, Annotated checks run while the arguments are parsed,
+# and the docstrings' Args: are the help (a default is stated there only when it is not a value).
 
+Model = Annotated[str | None, options.model]
+Methods = Annotated[str, checked_methods]
+Lengths = Annotated[str, options.lengths]
+Count = Annotated[int, options.positive_int]
+OptionalCount = Annotated[int | None, options.positive_int]
+Dtype = Annotated[str | None, options.dtype]
+Device = Annotated[str | None, options.device]
+Output = Annotated[str, options.writable_dir]
 
 def eval_ppl(
     *,
-    model: str | None = None,
-    methods: str = DEFAULT_METHODS,
-    lengths: str = "4k,8k",
+    model: Model = None,
+    methods: Methods = DEFAULT_METHODS,
+    lengths: Lengths = "4k,8k",
     data: str | None = None,
-    output: str = "out/ppl",
-    windows: int = 2,
-    stride: int | None = None,
-    slice_size: int = 2048,
-    pretraining_length: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    output: Output = "out/ppl",
+    windows: Count = 2,
+    stride: OptionalCount = None,
+    slice_size: Count = 2048,
+    pretraining_length: OptionalCount = None,
+    dtype: Dtype = None,
+    device: Device = None,
     progress: bool = True,
 ) -> int:
     """PG19 perplexity (ChunkLlama protocol) for several methods and lengths.
@@ -223,17 +276,17 @@ def eval_ppl(
     predictions. Writes summary.json, samples.jsonl, table.md and ppl_vs_length.png to --output.
 
     Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
         methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
         lengths: comma-separated lengths in tokens; 4k = 4096.
-        data: folder holding pg19/ (or the pg19 folder, or hf://emozilla/pg19-test); default ../shared/data.
+        data: folder holding pg19/ (or the pg19 folder, or hf://emozilla/pg19-test); default: ../shared/data.
         output: output folder.
         windows: evenly spaced windows per length (2: the first and the last L tokens).
         stride: score windows every this many tokens instead (the paper uses 256).
         slice_size: positions per lm_head + cross-entropy slice (memory vs speed).
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
-        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
-        device: cpu or cuda; default: cuda when available.
+        dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
+        device: cpu, cuda or cuda:N; default: cuda when available.
         progress: show progress bars.
     """
     run_ppl(model, methods, lengths, data, output, windows, stride, slice_size, pretraining_length, dtype, device,
@@ -243,16 +296,16 @@ def eval_ppl(
 
 def eval_passkey(
     *,
-    model: str | None = None,
-    methods: str = DEFAULT_METHODS,
-    lengths: str = "4k,8k",
-    output: str = "out/passkey",
-    depths: int = 5,
-    trials: int = 1,
+    model: Model = None,
+    methods: Methods = DEFAULT_METHODS,
+    lengths: Lengths = "4k,8k",
+    output: Output = "out/passkey",
+    depths: Count = 5,
+    trials: Count = 1,
     greedy: bool = False,
-    pretraining_length: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    pretraining_length: OptionalCount = None,
+    dtype: Dtype = None,
+    device: Device = None,
     progress: bool = True,
 ) -> int:
     """Passkey retrieval swept over lengths x depths for several methods.
@@ -262,16 +315,16 @@ def eval_passkey(
     passkey_vs_length.png to --output.
 
     Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
         methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
         lengths: comma-separated lengths in tokens; 4k = 4096.
         output: output folder.
         depths: depths per length, at (d+0.5)/depths.
         trials: prompts (different keys) per depth; 1 is the standard protocol.
         greedy: score by greedy decoding instead of teacher forcing (same verdict, slower).
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
-        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
-        device: cpu or cuda; default: cuda when available.
+        dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
+        device: cpu, cuda or cuda:N; default: cuda when available.
         progress: show progress bars.
     """
     run_passkey(model, methods, lengths, output, depths, trials, greedy, pretraining_length, dtype, device, progress)
@@ -280,17 +333,17 @@ def eval_passkey(
 
 def eval_needle(
     *,
-    model: str | None = None,
-    methods: str = "dca",
-    lengths: str = "4k,8k",
+    model: Model = None,
+    methods: Methods = "dca",
+    lengths: Lengths = "4k,8k",
     data: str | None = None,
-    output: str = "out/needle",
-    depths: int = 11,
-    max_new_tokens: int = 32,
+    output: Output = "out/needle",
+    depths: Count = 11,
+    max_new_tokens: Count = 32,
     chat: bool | None = None,
-    pretraining_length: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    pretraining_length: OptionalCount = None,
+    dtype: Dtype = None,
+    device: Device = None,
     progress: bool = True,
 ) -> int:
     """Needle in a haystack (Paul Graham essays): depth x length grid and a heatmap per method.
@@ -298,17 +351,17 @@ def eval_needle(
     Writes summary.json, samples.jsonl (every answer), table.md and needle_<method>.png to --output.
 
     Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
         methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
         lengths: comma-separated prompt lengths in tokens; 4k = 4096.
-        data: folder holding paul_graham_essays/ (or that folder); default ../shared/data.
+        data: folder holding paul_graham_essays/ (or that folder); default: ../shared/data.
         output: output folder.
         depths: needle depths, evenly spaced from 0% to 100% (11: every 10%).
         max_new_tokens: tokens generated per answer.
-        chat: use the tokenizer's chat template (default: when it has one).
+        chat: use the tokenizer's chat template; default: when it has one.
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
-        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
-        device: cpu or cuda; default: cuda when available.
+        dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
+        device: cpu, cuda or cuda:N; default: cuda when available.
         progress: show progress bars.
     """
     run_needle(model, methods, lengths, data, output, depths, max_new_tokens, chat, pretraining_length, dtype,
@@ -318,18 +371,18 @@ def eval_needle(
 
 def eval_longqa(
     *,
-    model: str | None = None,
-    methods: str = "none,dca",
+    model: Model = None,
+    methods: Methods = "none,dca",
     tasks: str | None = None,
     data: str | None = None,
-    output: str = "out/longqa",
-    max_length: str = "16k",
-    limit: int | None = None,
-    max_new_tokens: int | None = None,
+    output: Output = "out/longqa",
+    max_length: Annotated[str, options.length_text] = "16k",
+    limit: OptionalCount = None,
+    max_new_tokens: OptionalCount = None,
     chat: bool | None = None,
-    pretraining_length: int | None = None,
-    dtype: str | None = None,
-    device: str | None = None,
+    pretraining_length: OptionalCount = None,
+    dtype: Dtype = None,
+    device: Device = None,
     progress: bool = True,
 ) -> int:
     """Long-document QA: L-Eval tasks (exam / F1 / ROUGE) or the seed's few-shot JSONL layout.
@@ -338,28 +391,20 @@ def eval_longqa(
     score, n), samples.jsonl (every question and answer) and table.md to --output.
 
     Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct.
         methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
         tasks: comma-separated task names (JSONL file stems), e.g. coursera,tpo; default: all found.
-        data: a .jsonl file, a folder of them, a folder holding leval/, or hf://L4NLP/LEval; default ../shared/data.
+        data: a .jsonl file, a folder of them, a folder holding leval/, or hf://L4NLP/LEval; default: ../shared/data.
         output: output folder.
         max_length: prompt + answer tokens (4k = 4096); the methods are set up for this length.
-        limit: score only the first N questions of each task.
+        limit: score only the first N questions of each task; default: all.
         max_new_tokens: tokens generated per answer; default: 32 (exam), 128 (f1), 256 (rouge).
-        chat: use the tokenizer's chat template (default: when it has one).
+        chat: use the tokenizer's chat template; default: when it has one.
+        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
-        dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
-        device: cpu or cuda; default: cuda when available.
+        dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
+        device: cpu, cuda or cuda:N; default: cuda when available.
         progress: show progress bars.
     """
     run_longqa(model, methods, tasks, data, output, max_length, limit, max_new_tokens, chat, pretraining_length,
                dtype, device, progress)
     return 0
-
-
-if __name__ == "__main__":  # python -m chunkllama.eval.commands ppl ...  ==  chunkllama eval ppl ...
-    import sys
-
-    from ..cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))

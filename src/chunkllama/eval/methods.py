@@ -22,79 +22,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from torch import nn
 
 from ..patching import apply_dca, get_dca_config, remove_dca
+from .method_specs import METHOD_NAMES, MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
 
-METHOD_NAMES = ("none", "pi", "ntk", "yarn", "dca")
 ROPE_TYPES = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
-_DCA_OPTIONS = {"chunk_size": int, "local_window": int, "backend": str, "pretraining_length": int}
-_ROPE_OPTIONS = {"factor": float}
-
-
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """One method and its options, e.g. ``MethodSpec("dca", (("chunk_size", 4096),))``."""
-
-    name: str
-    options: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def label(self) -> str:
-        """Short name used in tables and plots: ``dca`` or ``dca(chunk_size=4096)``."""
-        if not self.options:
-            return self.name
-        return f"{self.name}(" + ",".join(f"{k}={v}" for k, v in self.options) + ")"
-
-    def option(self, key: str, default: Any = None) -> Any:
-        return dict(self.options).get(key, default)
-
-
-def parse_method(text: str) -> MethodSpec:
-    """Parse ``"name"`` or ``"name:key=value,key=value"``.
-
-    Raises:
-        ValueError: unknown method or option, or a malformed option.
-    """
-    name, _, rest = text.strip().partition(":")
-    name = name.strip().lower()
-    if name not in METHOD_NAMES:
-        raise ValueError(f"Unknown method {name!r}; choose from {', '.join(METHOD_NAMES)}.")
-    allowed = _DCA_OPTIONS if name == "dca" else (_ROPE_OPTIONS if name in ROPE_TYPES else {})
-    options: list[tuple[str, Any]] = []
-    for item in filter(None, (part.strip() for part in rest.split(","))):
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in allowed:
-            raise ValueError(
-                f"Bad option {item!r} for method {name!r}; allowed: "
-                f"{', '.join(f'{k}=<{t.__name__}>' for k, t in allowed.items()) or 'none'}."
-            )
-        options.append((key, allowed[key](value.strip())))
-    return MethodSpec(name, tuple(options))
-
-
-def parse_methods(items: str | Sequence[str]) -> list[MethodSpec]:
-    """Parse specs: ``["none,yarn", "dca:chunk_size=4096,local_window=512"]`` or all in one string,
-    ``"none,yarn:factor=2,dca:chunk_size=4096,local_window=512"`` (a comma-separated piece holding
-    ``=`` but no ``:`` continues the options of the method before it)."""
-    if isinstance(items, str):
-        items = [items]
-    groups: list[str] = []
-    for item in items:
-        for piece in (p.strip() for p in item.split(",")):
-            if not piece:
-                continue
-            if "=" in piece and ":" not in piece and groups and ":" in groups[-1]:
-                groups[-1] += "," + piece
-            else:
-                groups.append(piece)
-    specs = [parse_method(g) for g in groups]
-    if not specs:
-        raise ValueError("No methods given; choose from " + ", ".join(METHOD_NAMES) + ".")
-    return specs
 
 
 def _text_config(model: nn.Module) -> Any:

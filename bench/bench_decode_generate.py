@@ -1,0 +1,262 @@
+"""Decode speed inside ``model.generate``: DCA vs the unpatched model, Llama-3-8B shapes (random bf16 weights).
+
+Usage (CUDA):
+    python bench/bench_decode_generate.py --label after [--lengths 16384 32768 65536 131072] [--new-tokens 64]
+        [--modes eager compiled] [--profile-length 32768] [--out bench/results]
+    python bench/bench_decode_generate.py --combine before after --out bench/results   # writes the report
+
+Model: ``LlamaConfig`` with 32 layers, hidden 4096, 32 query / 8 KV heads of 128, MLP 14336, vocab
+128256, rope theta 5e5, ``max_position_embeddings`` 8192, built on the GPU in bf16 from a fixed seed;
+the prompt is random token ids. ``model.generate`` runs greedy (``min_new_tokens = max_new_tokens``)
+for each prompt length, unpatched (SDPA) and with ``apply_dca(model)`` (backend "auto" = Triton).
+
+Decode time is taken apart from prefill inside the same ``generate`` call: a logits processor records
+a CUDA event at every step (step 0 is the prefill's), without synchronising; decode tokens/s =
+``(N - 1 - 3) / elapsed(event 3, event N-1)``: the first three decode steps are left out (in compiled
+mode they compile, warm up and record the CUDA graph). The events sit in the stream order, so a
+host-bound step shows as the GPU waiting. Each model first generates from a short prompt (kernels
+compiled before anything is timed).
+
+Modes: ``eager`` (default dynamic cache) and ``compiled`` (``cache_implementation="static"``, which
+makes ``generate`` compile the decode step with ``torch.compile``, mode "reduce-overhead", i.e.
+CUDA graphs; prefill stays eager). Graph breaks counted by dynamo are reported.
+
+``--profile-length``: a ``torch.profiler`` trace of the decode steps only (started by the logits
+processor after the prefill) of each model in eager mode, written as ``decode_generate_profile_<label>.md``:
+top operators by host (CPU) time and top CUDA kernels by device time, per decode step.
+Each run writes ``decode_generate_<label>.json``; ``--combine`` merges labels into
+``decode_generate.json`` and ``decode_generate.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch._dynamo
+
+SKIP_STEPS = 3  # decode steps left out of the timing (compile, warm-up and graph recording when compiled)
+
+
+def build_model(device: str, tiny: bool):
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=128256 if not tiny else 512, hidden_size=4096 if not tiny else 128,
+        intermediate_size=14336 if not tiny else 256, num_hidden_layers=32 if not tiny else 2,
+        num_attention_heads=32 if not tiny else 4, num_key_value_heads=8 if not tiny else 2, head_dim=128 if not tiny else 64,
+        max_position_embeddings=8192 if not tiny else 256, rope_theta=500000.0,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+    return model.eval()
+
+
+class StepEvents:
+    """Logits processor that records one CUDA event per generation step (no sync); optionally starts a
+    profiler after the first (prefill) step."""
+
+    def __init__(self, profiler=None):
+        self.events: list[torch.cuda.Event] = []
+        self.profiler = profiler
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if scores.is_cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        if self.profiler is not None and len(self.events) == 1:
+            self.profiler.start()
+        return scores
+
+    def decode_seconds(self, skip: int) -> tuple[float, int]:
+        """Seconds and steps from event ``skip`` to the last (event 0 follows the prefill)."""
+        torch.cuda.synchronize()
+        return self.events[skip].elapsed_time(self.events[-1]) / 1000.0, len(self.events) - 1 - skip
+
+
+def generate(model, ids: torch.Tensor, new_tokens: int, mode: str, profiler=None) -> dict:
+    from transformers import LogitsProcessorList
+
+    timer = StepEvents(profiler)
+    kwargs = {"cache_implementation": "static"} if mode == "compiled" else {}
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, logits_processor=LogitsProcessorList([timer]), pad_token_id=0, **kwargs,
+        )
+    if profiler is not None:
+        torch.cuda.synchronize()
+        profiler.stop()
+    total = time.perf_counter() - start
+    if not timer.events:  # CPU smoke run
+        return {"total_s": total, "decode_tok_s": None, "tokens": out[0, ids.shape[1]:].tolist()}
+    seconds, steps = timer.decode_seconds(SKIP_STEPS)
+    return {"total_s": total, "decode_s": seconds, "decode_steps": steps, "decode_tok_s": steps / seconds,
+            "ms_per_token": 1000 * seconds / steps, "tokens": out[0, ids.shape[1]:].tolist()}
+
+
+def profile_table(profiler, steps: int, layers: int) -> list[str]:
+    averages = profiler.key_averages()
+    host = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)[:15]
+    device = sorted((e for e in averages if getattr(e, "self_device_time_total", 0) > 0),
+                    key=lambda e: e.self_device_time_total, reverse=True)[:15]
+    lines = ["| operator (host) | calls / step | host self µs / step | host self µs / layer |", "|---|---|---|---|"]
+    lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {e.self_cpu_time_total / steps:.0f} | "
+              f"{e.self_cpu_time_total / steps / layers:.1f} |" for e in host]
+    total_host = sum(e.self_cpu_time_total for e in averages) / steps
+    total_dev = sum(getattr(e, "self_device_time_total", 0) for e in averages) / steps
+    lines += ["", f"Host self time, all operators: {total_host / 1000:.2f} ms per decode step "
+              f"({total_host / layers:.0f} µs per layer); device time, all kernels: {total_dev / 1000:.2f} ms per step.", "",
+              "| kernel (device) | calls / step | device µs / step | device µs / layer |", "|---|---|---|---|"]
+    lines += [f"| `{e.key[:70]}` | {e.count / steps:.1f} | {e.self_device_time_total / steps:.0f} | "
+              f"{e.self_device_time_total / steps / layers:.1f} |" for e in device]
+    return lines
+
+
+def measure(args) -> None:
+    import transformers
+
+    import chunkllama
+
+    device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    model = build_model(device, args.tiny)
+    layers = model.config.num_hidden_layers
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    rows, profiles = [], {}
+    torch._dynamo.config.cache_size_limit = 64  # one decode graph per prompt length and model
+    warm = torch.randint(3, model.config.vocab_size, (1, 256), generator=gen).to(device)
+    for patched in (False, True):
+        if patched:
+            chunkllama.apply_dca(model)
+        generate(model, warm, SKIP_STEPS + 2, "eager")
+        chunkllama.remove_dca(model)
+    for mode in args.modes:
+        for length in args.lengths:
+            ids = torch.randint(3, model.config.vocab_size, (1, length), generator=gen).to(device)
+            for patched in (False, True):
+                if patched:
+                    chunkllama.apply_dca(model)
+                try:
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    torch._dynamo.utils.counters.clear()
+                    try:
+                        result = generate(model, ids, args.new_tokens, mode)
+                    except Exception as exc:  # noqa: BLE001 (a mode that fails is reported, the rest still runs)
+                        result = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "decode_tok_s": None}
+                    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+                    if args.repeat and mode == "eager" and "error" not in result:  # spread between two runs
+                        again = generate(model, ids, args.new_tokens, mode)
+                        result["decode_tok_s_repeat"] = again["decode_tok_s"]
+                finally:
+                    if patched:
+                        chunkllama.remove_dca(model)
+                row = {"label": args.label, "mode": mode, "model": "DCA" if patched else "unpatched",
+                       "prompt_tokens": length, "new_tokens": args.new_tokens, "graph_breaks": breaks,
+                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+                       **{k: v for k, v in result.items() if k != "tokens"}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                gc.collect()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    if args.profile_length and device == "cuda":
+        ids = torch.randint(3, model.config.vocab_size, (1, args.profile_length), generator=gen).to(device)
+        for patched in (False, True):
+            if patched:
+                chunkllama.apply_dca(model)
+            profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+            try:
+                result = generate(model, ids, args.profile_steps + 1, "eager", profiler)
+            finally:
+                if patched:
+                    chunkllama.remove_dca(model)
+            profiles["DCA" if patched else "unpatched"] = (result, profile_table(profiler, args.profile_steps, layers))
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "label": args.label}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"decode_generate_{args.label}.json").write_text(json.dumps({"rows": rows, **info}, indent=1))
+    if profiles:
+        lines = [f"# Decode-step profile ({args.label}): Llama-3-8B shapes, {args.profile_length}-token prompt, "
+                 f"eager, default cache", "",
+                 f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers "
+                 f"{info['transformers']}. torch.profiler over {args.profile_steps} decode steps (prefill excluded); "
+                 f"per-layer columns divide by {layers} layers (the lm head and sampling are included in the totals).", ""]
+        for name, (result, table) in profiles.items():
+            lines += [f"## {name} ({result['ms_per_token']:.2f} ms per token while profiled)", ""] + table + [""]
+        (args.out / f"decode_generate_profile_{args.label}.md").write_text("\n".join(lines))
+        print("\n".join(lines))
+
+
+def combine(args) -> None:
+    data = [json.loads((args.out / f"decode_generate_{label}.json").read_text()) for label in args.combine]
+    rows = [row for d in data for row in d["rows"]]
+    info = {k: v for k, v in data[-1].items() if k not in ("rows", "label")}
+    (args.out / "decode_generate.json").write_text(json.dumps({"rows": rows, **info}, indent=1))
+    lines = [
+        "# Decode speed in `model.generate`: DCA vs unpatched, Llama-3-8B shapes (random bf16)",
+        "",
+        f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}. "
+        "Greedy, batch 1; decode tokens/s from CUDA events at each step (prefill excluded). "
+        "`eager`: default dynamic cache; `compiled`: `cache_implementation=\"static\"`, which makes `generate` "
+        "compile the decode step (torch.compile, mode reduce-overhead). Labels: code version "
+        "(`before` = main before this branch, `after` = this branch).",
+        "",
+        "| label | mode | prompt tokens | unpatched tok/s | DCA tok/s | DCA / unpatched | unpatched ms/token | "
+        "DCA ms/token | graph breaks (DCA) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    key = {(r["label"], r["mode"], r["prompt_tokens"], r["model"]): r for r in rows}
+    for (label, mode, length, name), r in key.items():
+        if name != "DCA":
+            continue
+        base = key.get((label, mode, length, "unpatched"))
+        if base is None:
+            continue
+        if not r.get("decode_tok_s") or not base.get("decode_tok_s"):
+            lines.append(f"| {label} | {mode} | {length} | {base.get('decode_tok_s') or base.get('error')} | "
+                         f"{r.get('decode_tok_s') or r.get('error')} | — | — | — | {r['graph_breaks']} |")
+            continue
+        lines.append(f"| {label} | {mode} | {length} | {base['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
+                     f"{r['decode_tok_s'] / base['decode_tok_s']:.3f} | {base['ms_per_token']:.2f} | "
+                     f"{r['ms_per_token']:.2f} | {r['graph_breaks']} |")
+    (args.out / "decode_generate.md").write_text("\n".join(lines + [""]))
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--label", default="after", help="name of the code version measured (file suffix)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    parser.add_argument("--repeat", action="store_true", help="time each eager call twice")
+    parser.add_argument("--profile-length", type=int, default=0)
+    parser.add_argument("--profile-steps", type=int, default=8)
+    parser.add_argument("--combine", nargs="+", help="labels to merge into decode_generate.json/.md")
+    parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script only")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    if args.combine:
+        combine(args)
+    else:
+        measure(args)
+
+
+if __name__ == "__main__":
+    main()
