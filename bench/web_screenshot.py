@@ -5,6 +5,13 @@ Without ``--file`` the PDF is made from the opening of *The Leavenworth Case* (P
 under ``--data``: about 10k tokens, past SmolLM2's 8k window.
 
     python bench/web_screenshot.py --data ../shared/data --out docs/serve_web.png
+
+The committed ``docs/serve_web.png`` (the bundled PDF, 18k tokens = 2.2x SmolLM2's window; the planted
+secret word found; the follow-up served from the prefix cache, 18122 of 18148 tokens cached):
+
+    python bench/web_screenshot.py --file examples/leavenworth_case.pdf --question "What is the secret word?" \
+        --question "What is the secret word? Say it once more." --answer-prefix "The secret word is" \
+        --max-tokens 12 --out docs/serve_web.png
 """
 
 from __future__ import annotations
