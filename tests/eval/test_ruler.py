@@ -261,7 +261,7 @@ def test_run_ruler_writes_report_and_checks_arguments_first(tiny_model, tiny_tok
         ({"max_new_tokens": 0}, "--max-new-tokens"),
     ]:
         with pytest.raises(ValueError, match=message):
-            eval_ruler(model="/nonexistent/model", **kwargs)
+            eval_ruler(model="/nonexistent/model", data=str(tiny_data), **kwargs)
     with pytest.raises(FileNotFoundError):
         eval_ruler(model="/nonexistent/model", tasks="niah_single_2", data=str(tmp_path / "missing"))
 
