@@ -7,6 +7,8 @@
   ``cache.update(k, v, layer_idx, *args, **kwargs)`` and the models pass ``kwargs=`` (the forward's
   keyword arguments). Neither accepts the other's keyword: which one this release takes is read
   once, from the signature of ``Cache.update``, when this module is imported.
+- ``generate``'s own chunked prefill (``prefill_chunk_size``) needs a caller-made cache before 5.17
+  (:data:`GENERATE_CHUNKS_PREFILL`).
 - Older releases pass ``cache_position`` (the cache slots of this step's tokens) in the forward's
   kwargs; newer ones do not, and a static cache counts its own length in a tensor.
 """
@@ -17,7 +19,13 @@ import inspect
 from typing import Any
 
 import torch
+import transformers
 from transformers.cache_utils import Cache
+
+#: True when ``generate(prefill_chunk_size=N)`` works on its own on this release. 5.0 refuses it unless
+#: the caller passes a cache ("Cannot use prefill chunking without a cache"); 5.17 and 5.24 build the
+#: cache themselves (tested). Releases in between are treated as old: no default piece size there.
+GENERATE_CHUNKS_PREFILL = tuple(int(x) for x in transformers.__version__.split(".")[:2]) >= (5, 17)
 
 #: True when this transformers release updates caches as ``update(k, v, layer_idx, cache_kwargs)``.
 UPDATE_TAKES_CACHE_KWARGS = "cache_kwargs" in inspect.signature(Cache.update).parameters

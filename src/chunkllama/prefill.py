@@ -32,6 +32,7 @@ from typing import Any
 
 from torch import nn
 
+from .compat import GENERATE_CHUNKS_PREFILL
 from .config import DCAConfig
 
 _STATE = "_chunkllama_prefill"
@@ -92,7 +93,7 @@ def _caller_chose(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool
 
 
 def _chunking_applies(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> bool:
-    if kwargs.get("inputs_embeds") is not None:
+    if not GENERATE_CHUNKS_PREFILL or kwargs.get("inputs_embeds") is not None:
         return False
     use_cache = kwargs.get("use_cache")
     if use_cache is None:
