@@ -27,19 +27,10 @@ _TEXT = [
 def save_tiny_checkpoint(directory: Path, window: int = 64) -> Path:
     """A tiny random Llama (2 layers, window ``window``) and a tiny BPE tokenizer, saved as a HF dir."""
     import transformers
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
-    )
-    tok.train_from_iterator(_TEXT * 3, trainer=trainer)
-    tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
-    )
+    from tiny_bpe import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(_TEXT, vocab_size=300, bos="<s>", eos="</s>")
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=window,

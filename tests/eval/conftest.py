@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiny_bpe import train_bpe_tokenizer
+
 WINDOW = 64
 SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 
@@ -32,21 +34,7 @@ _TRAINING_TEXT = [
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_TRAINING_TEXT * 3, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    return fast
+    return train_bpe_tokenizer(_TRAINING_TEXT, vocab_size=400, bos="<s>", eos="</s>")
 
 
 CHAT_TEMPLATE = (

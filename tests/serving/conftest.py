@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from tiny_bpe import train_bpe_tokenizer
+
 _TRAINING_TEXT = [
     "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.",
     "The pass key is 12345. Remember it. What is the pass key? The pass key is",
@@ -23,22 +25,7 @@ CHAT_TEMPLATE = (
 
 
 def make_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_TRAINING_TEXT * 3, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<pad>"
-    )
+    fast = train_bpe_tokenizer(_TRAINING_TEXT, vocab_size=400, bos="<|im_start|>", eos="<|im_end|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
