@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 from chunkllama import apply_dca, remove_dca
-from tiny_models import CHUNK_LEN, FAMILIES, PRETRAINING_LENGTH, attention_modules, make_model, random_ids, rotary_of
+from tiny_models import CHUNK_LEN, FAMILIES, PRETRAINING_LENGTH, attention_modules, left_padded, make_model, random_ids, rotary_of
 from oracle import rope_cos_sin, rotate
 
 TOL = 1e-5
@@ -62,22 +62,11 @@ def test_prefill_in_pieces_and_decoding_equal_one_full_prefill(family):
     assert cache.get_seq_length() == 104
 
 
-def _left_padded(rows: list[torch.Tensor]):
-    """Tokenizer-free left padding: pad id 0, attention mask 0 on the pads."""
-    length = max(r.shape[-1] for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - row.shape[-1] :] = row
-        mask[i, length - row.shape[-1] :] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padded_batch_equals_rows_alone(family):
     model = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
     rows = [random_ids(1, n, seed=n)[0] for n in (88, 61, 79)]  # pads 0, 27, 9: rows cross boundaries at different steps
-    ids, mask = _left_padded(rows)
+    ids, mask = left_padded(rows)
     batch = _generate(model, ids, attention_mask=mask)
     for i, row in enumerate(rows):
         alone = _generate(model, row[None])
@@ -92,7 +81,7 @@ def test_left_padded_batch_with_very_short_prompts(real):
     """Rows with one or two real tokens: their pads tie with them at position 1."""
     model = apply_dca(make_model("qwen2"), pretraining_length=PRETRAINING_LENGTH)
     rows = [random_ids(1, 50, seed=1)[0], random_ids(1, real, seed=2)[0]]
-    ids, mask = _left_padded(rows)
+    ids, mask = left_padded(rows)
     batch = _generate(model, ids, new=30, attention_mask=mask)
     alone = _generate(model, rows[1][None], new=30)
     assert torch.equal(batch.sequences[1, 50:], alone.sequences[0, real:])
@@ -102,7 +91,7 @@ def test_left_padded_batch_with_very_short_prompts(real):
 def test_sampling_with_fixed_seed_runs_and_repeats():
     model = apply_dca(make_model("qwen2"), pretraining_length=PRETRAINING_LENGTH)
     rows = [random_ids(1, n, seed=n)[0] for n in (70, 55)]
-    ids, mask = _left_padded(rows)
+    ids, mask = left_padded(rows)
 
     def sample(seed):
         torch.manual_seed(seed)
@@ -146,7 +135,7 @@ def test_cache_holds_keys_rotated_at_position_mod_chunk_len(family):
 
     hooks = [module.register_forward_pre_hook(capture, with_kwargs=True) for module in attention_modules(model)]
     rows = [random_ids(1, n, seed=n)[0] for n in (83, 70)]
-    ids, mask = _left_padded(rows)
+    ids, mask = left_padded(rows)
     pads = [0, 13]
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
     cache = DynamicCache(config=model.config)

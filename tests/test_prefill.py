@@ -20,21 +20,11 @@ from chunkllama.prefill import (
     get_prefill_chunk_size,
     resolve_prefill_chunk_size,
 )
-from tiny_models import CHUNK_LEN, FAMILIES, PRETRAINING_LENGTH, make_model, random_ids
+from tiny_models import CHUNK_LEN, FAMILIES, PRETRAINING_LENGTH, left_padded, make_model, random_ids
 
 TOL = 1e-5  # fp32
 NEW = 3
 PIECES = (1, 7, 20, 24)  # one token, splitting a chunk, one chunk stride, chunk_size
-
-
-def _left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(r.shape[-1] for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    mask = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - row.shape[-1] :] = row
-        mask[i, length - row.shape[-1] :] = 1
-    return ids, mask
 
 
 def _generate(model, ids, mask=None, new=NEW, **kwargs):
@@ -75,7 +65,7 @@ class _PrefillPieces:
 @pytest.fixture(scope="module")
 def padded_prompt():
     rows = [random_ids(1, 73, seed=31)[0], random_ids(1, 50, seed=32)[0]]
-    return _left_padded(rows)
+    return left_padded(rows)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

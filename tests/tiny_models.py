@@ -91,6 +91,17 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, length), generator=gen)
 
 
+def left_padded(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenizer-free left padding of 1D id rows: ``(ids (B, T), attention_mask (B, T))``, pad id 0, mask 0 on pads."""
+    length = max(r.shape[-1] for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - row.shape[-1] :] = row
+        mask[i, length - row.shape[-1] :] = 1
+    return ids, mask
+
+
 def rotary_of(model) -> torch.nn.Module:
     """The model's single rotary-embedding module."""
     found = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
