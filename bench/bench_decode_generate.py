@@ -121,6 +121,34 @@ def profile_table(profiler, steps: int, layers: int) -> list[str]:
     return lines
 
 
+def run_one(model, ids: torch.Tensor, args, mode: str, patched: bool, device: str) -> dict:
+    """One timed ``generate`` call, with DCA applied for its duration when ``patched``."""
+    import chunkllama
+
+    if patched:
+        chunkllama.apply_dca(model)
+    try:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        torch._dynamo.utils.counters.clear()
+        try:
+            result = generate(model, ids, args.new_tokens, mode)
+        except Exception as exc:  # noqa: BLE001 (a mode that fails is reported, the rest still runs)
+            result = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "decode_tok_s": None}
+        breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
+    finally:
+        if patched:
+            chunkllama.remove_dca(model)
+    row = {"label": args.label, "mode": mode, "model": "DCA" if patched else "unpatched",
+           "prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "graph_breaks": breaks,
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+           **{k: v for k, v in result.items() if k != "tokens"}}
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
 def measure(args) -> None:
     import transformers
 
@@ -138,36 +166,22 @@ def measure(args) -> None:
             chunkllama.apply_dca(model)
         generate(model, warm, SKIP_STEPS + 2, "eager")
         chunkllama.remove_dca(model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    partial = args.out / f"decode_generate_{args.label}.jsonl"
+    partial.write_text("")
     for mode in args.modes:
         for length in args.lengths:
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=gen).to(device)
-            for patched in (False, True):
-                if patched:
-                    chunkllama.apply_dca(model)
-                try:
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    torch._dynamo.utils.counters.clear()
-                    try:
-                        result = generate(model, ids, args.new_tokens, mode)
-                    except Exception as exc:  # noqa: BLE001 (a mode that fails is reported, the rest still runs)
-                        result = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "decode_tok_s": None}
-                    breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
-                    if args.repeat and mode == "eager" and "error" not in result:  # spread between two runs
-                        again = generate(model, ids, args.new_tokens, mode)
-                        result["decode_tok_s_repeat"] = again["decode_tok_s"]
-                finally:
-                    if patched:
-                        chunkllama.remove_dca(model)
-                row = {"label": args.label, "mode": mode, "model": "DCA" if patched else "unpatched",
-                       "prompt_tokens": length, "new_tokens": args.new_tokens, "graph_breaks": breaks,
-                       "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
-                       **{k: v for k, v in result.items() if k != "tokens"}}
-                rows.append(row)
-                print(json.dumps(row), flush=True)
-                gc.collect()
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+            for round_index in range(args.rounds):
+                # alternate which model goes first, so drift in the machine's speed hits both alike
+                order = (False, True) if round_index % 2 == 0 else (True, False)
+                for patched in order:
+                    row = run_one(model, ids, args, mode, patched, device)
+                    row["round"] = round_index
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                    with partial.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
     if args.profile_length and device == "cuda":
         ids = torch.randint(3, model.config.vocab_size, (1, args.profile_length), generator=gen).to(device)
         for patched in (False, True):
@@ -203,6 +217,20 @@ def measure(args) -> None:
         print("\n".join(lines))
 
 
+def _median_tok_s(runs: list[dict]) -> float | None:
+    values = sorted(r["decode_tok_s"] for r in runs if r.get("decode_tok_s"))
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def _round_ratios(runs: list[dict], base_runs: list[dict]) -> list[float]:
+    base = {r.get("round", 0): r["decode_tok_s"] for r in base_runs if r.get("decode_tok_s")}
+    return [r["decode_tok_s"] / base[r.get("round", 0)] for r in runs
+            if r.get("decode_tok_s") and r.get("round", 0) in base]
+
+
 def combine(args) -> None:
     data = [json.loads((args.out / f"decode_generate_{label}.json").read_text()) for label in args.combine]
     rows = [row for d in data for row in d["rows"]]
@@ -217,24 +245,30 @@ def combine(args) -> None:
         "compile the decode step (torch.compile, mode reduce-overhead). Labels: code version "
         "(`before` = main before this branch, `after` = this branch).",
         "",
-        "| label | mode | prompt tokens | unpatched tok/s | DCA tok/s | DCA / unpatched | unpatched ms/token | "
-        "DCA ms/token | graph breaks (DCA) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Each cell is the median over rounds (one `generate` call per model per round, the two models in "
+        "alternating order within one process); the spread column gives the lowest and highest per-round ratio.",
+        "",
+        "| label | mode | prompt tokens | unpatched tok/s | DCA tok/s | DCA / unpatched | per-round ratios | "
+        "unpatched ms/token | DCA ms/token | graph breaks (DCA) | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    key = {(r["label"], r["mode"], r["prompt_tokens"], r["model"]): r for r in rows}
-    for (label, mode, length, name), r in key.items():
-        if name != "DCA":
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["label"], r["mode"], r["prompt_tokens"], r["model"]), []).append(r)
+    for (label, mode, length, name), runs in groups.items():
+        if name != "DCA" or (label, mode, length, "unpatched") not in groups:
             continue
-        base = key.get((label, mode, length, "unpatched"))
-        if base is None:
+        base_runs = groups[(label, mode, length, "unpatched")]
+        dca, base = _median_tok_s(runs), _median_tok_s(base_runs)
+        breaks = max(r["graph_breaks"] for r in runs)
+        if dca is None or base is None:
+            errors = [r.get("error") for r in runs + base_runs if r.get("error")]
+            lines.append(f"| {label} | {mode} | {length} | {base} | {dca} | — | — | — | — | {breaks} | {errors[:1]} |")
             continue
-        if not r.get("decode_tok_s") or not base.get("decode_tok_s"):
-            lines.append(f"| {label} | {mode} | {length} | {base.get('decode_tok_s') or base.get('error')} | "
-                         f"{r.get('decode_tok_s') or r.get('error')} | — | — | — | {r['graph_breaks']} |")
-            continue
-        lines.append(f"| {label} | {mode} | {length} | {base['decode_tok_s']:.1f} | {r['decode_tok_s']:.1f} | "
-                     f"{r['decode_tok_s'] / base['decode_tok_s']:.3f} | {base['ms_per_token']:.2f} | "
-                     f"{r['ms_per_token']:.2f} | {r['graph_breaks']} |")
+        ratios = _round_ratios(runs, base_runs)
+        spread = f"{min(ratios):.3f}–{max(ratios):.3f}" if len(ratios) > 1 else "—"
+        lines.append(f"| {label} | {mode} | {length} | {base:.1f} | {dca:.1f} | {dca / base:.3f} | {spread} | "
+                     f"{1000 / base:.2f} | {1000 / dca:.2f} | {breaks} | {len(runs)} |")
     (args.out / "decode_generate.md").write_text("\n".join(lines + [""]))
     print("\n".join(lines))
 
@@ -245,7 +279,8 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    parser.add_argument("--repeat", action="store_true", help="time each eager call twice")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="timed calls per model, length and mode; the order of the two models alternates")
     parser.add_argument("--profile-length", type=int, default=0)
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--combine", nargs="+", help="labels to merge into decode_generate.json/.md")
