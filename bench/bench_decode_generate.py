@@ -81,11 +81,14 @@ class StepEvents:
         return self.events[skip].elapsed_time(self.events[-1]) / 1000.0, len(self.events) - 1 - skip
 
 
-def generate(model, ids: torch.Tensor, new_tokens: int, mode: str, profiler=None) -> dict:
+def generate(model, ids: torch.Tensor, new_tokens: int, mode: str, profiler=None, cache=None) -> dict:
+    """``model.generate`` timed step by step; ``cache``: a prefilled cache of all but the last prompt token."""
     from transformers import LogitsProcessorList
 
     timer = StepEvents(profiler)
     kwargs = {"cache_implementation": "static"} if mode == "compiled" else {}
+    if cache is not None:
+        kwargs["past_key_values"] = cache
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(
@@ -121,8 +124,27 @@ def profile_table(profiler, steps: int, layers: int) -> list[str]:
     return lines
 
 
-def run_one(model, ids: torch.Tensor, args, mode: str, patched: bool, device: str) -> dict:
-    """One timed ``generate`` call, with DCA applied for its duration when ``patched``."""
+def prefilled_cache(model, ids: torch.Tensor, patched: bool):
+    """The dynamic cache of ``ids[:, :-1]``, prefilled by this model (with DCA when ``patched``)."""
+    import chunkllama
+
+    if patched:
+        chunkllama.apply_dca(model)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids[:, :-1], attention_mask=torch.ones_like(ids[:, :-1]), max_new_tokens=1,
+                                 do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    finally:
+        if patched:
+            chunkllama.remove_dca(model)
+    return out.past_key_values
+
+
+def run_one(model, ids: torch.Tensor, args, mode: str, patched: bool, device: str, cache=None) -> dict:
+    """One timed ``generate`` call, with DCA applied for its duration when ``patched``; ``cache``
+    (shared-prefill mode): decode from a copy of this prefilled cache."""
+    import copy
+
     import chunkllama
 
     if patched:
@@ -132,7 +154,7 @@ def run_one(model, ids: torch.Tensor, args, mode: str, patched: bool, device: st
             torch.cuda.reset_peak_memory_stats()
         torch._dynamo.utils.counters.clear()
         try:
-            result = generate(model, ids, args.new_tokens, mode)
+            result = generate(model, ids, args.new_tokens, mode, cache=None if cache is None else copy.deepcopy(cache))
         except Exception as exc:  # noqa: BLE001 (a mode that fails is reported, the rest still runs)
             result = {"error": f"{type(exc).__name__}: {str(exc)[:400]}", "decode_tok_s": None}
         breaks = sum(torch._dynamo.utils.counters["graph_break"].values())
@@ -172,16 +194,25 @@ def measure(args) -> None:
     for mode in args.modes:
         for length in args.lengths:
             ids = torch.randint(3, model.config.vocab_size, (1, length), generator=gen).to(device)
+            caches = {}
+            if args.shared_prefill and mode == "eager":
+                caches = {patched: prefilled_cache(model, ids, patched) for patched in (False, True)}
+                for patched in (False, True):  # untimed: first decode at this length (allocator growth)
+                    run_one(model, ids, args, mode, patched, device, caches[patched])
             for round_index in range(args.rounds):
                 # alternate which model goes first, so drift in the machine's speed hits both alike
                 order = (False, True) if round_index % 2 == 0 else (True, False)
                 for patched in order:
-                    row = run_one(model, ids, args, mode, patched, device)
+                    row = run_one(model, ids, args, mode, patched, device, caches.get(patched))
                     row["round"] = round_index
+                    row["shared_prefill"] = bool(caches)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     with partial.open("a") as f:
                         f.write(json.dumps(row) + "\n")
+            caches.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     if args.profile_length and device == "cuda":
         ids = torch.randint(3, model.config.vocab_size, (1, args.profile_length), generator=gen).to(device)
         for patched in (False, True):
@@ -281,6 +312,9 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed calls per model, length and mode; the order of the two models alternates")
+    parser.add_argument("--shared-prefill", action="store_true",
+                        help="eager mode: prefill each prompt once per model, then time every round's decode from a "
+                             "copy of that cache (more rounds for the same device time; an untimed decode first)")
     parser.add_argument("--profile-length", type=int, default=0)
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--combine", nargs="+", help="labels to merge into decode_generate.json/.md")
