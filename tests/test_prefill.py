@@ -255,3 +255,23 @@ def test_chunked_prefill_into_a_static_cache(piece, padded_prompt):
     chunked = _generate(model, ids, mask, cache_implementation="static", prefill_chunk_size=piece)
     assert torch.equal(chunked.sequences, one_shot.sequences)
     assert _max_logit_error(chunked, one_shot) <= TOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_no_query_by_key_mask_is_built_for_the_pieces(family, padded_prompt):
+    """The patched layers read positions, never the mask: the base model must not materialise a
+    (B, 1, Tq, Tk) mask per piece (5 GiB per piece at a 1M-token cache). Every layer gets the
+    (B, 1, Tq, 1) placeholder, and the result still equals one-shot prefill (padding included)."""
+    ids, mask = padded_prompt
+    model = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    one_shot = _generate(model, ids, mask)
+    seen = []
+    handles = [layer.self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(tuple(kwargs["attention_mask"].shape)), with_kwargs=True)
+        for layer in model.model.layers]
+    chunked = _generate(model, ids, mask, prefill_chunk_size=16)
+    for handle in handles:
+        handle.remove()
+    assert seen and all(shape[-1] == 1 and shape[1] == 1 for shape in seen), sorted(set(seen))
+    assert _max_logit_error(chunked, one_shot) <= TOL
+    assert torch.equal(chunked.sequences, one_shot.sequences)

@@ -140,6 +140,24 @@ def _prepare_forward(chunk_len: int, module: nn.Module, args: tuple, kwargs: dic
         positions, batch, q_len, cached_length(cache, 0, kwargs), chunk_len, tokens.device,
         check_rows=not torch.compiler.is_compiling(),
     )
+    if mask is None or (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        args, kwargs = _without_mask_building(args, kwargs, batch, q_len, tokens.device)
+    return args, kwargs
+
+
+def _without_mask_building(args: tuple, kwargs: dict, batch: int, q_len: int, device: torch.device) -> tuple[tuple, dict]:
+    """Hand the base model a placeholder 4D mask so that it builds none.
+
+    The patched layers never read the mask (padding and causality come from the positions computed
+    above), but the base model would still build one per forward: transformers returns a given 4D
+    mask untouched, and otherwise materialises ``(B, 1, Tq, Tk)`` booleans whenever queries and keys
+    differ in length — each piece of a chunked prefill, 5 GiB per piece at a 1M-token cache.
+    The placeholder ``(B, 1, Tq, 1)`` is all True (it masks nothing, should anything read it).
+    """
+    placeholder = torch.ones(batch, 1, q_len, 1, dtype=torch.bool, device=device)
+    if len(args) > 1:
+        return args[:1] + (placeholder,) + args[2:], kwargs
+    kwargs["attention_mask"] = placeholder
     return args, kwargs
 
 
