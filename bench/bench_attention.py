@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -277,7 +278,9 @@ def tune(rope, config, scale, T: int) -> str:
     for cfg in TUNE_CONFIGS:
         os.environ["CHUNKLLAMA_PREFILL_CONFIG"] = cfg
         try:
-            ms = bench_ms(lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton"), 300)
+            with warnings.catch_warnings():  # a query split that falls back to one tile is a failed config
+                warnings.simplefilter("error", RuntimeWarning)
+                ms = bench_ms(lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton"), 300)
         except Exception as exc:  # a config the compiler rejects (shared memory)
             print(f"tune {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue

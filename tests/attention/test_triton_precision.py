@@ -157,6 +157,38 @@ def decode_errors(case, device) -> list[dict]:
     return results
 
 
+def fallback_case() -> dict:
+    """The launcher when the split kernel fails to launch for shared memory (OutOfResources at its first
+    launch, as triton raises it): one warning, then the single-tile kernel, whose output it returns."""
+    import warnings
+
+    from triton.runtime.errors import OutOfResources
+
+    from chunkllama.attention import triton_prefill
+
+    q, k, v, qpos, kpos, rope, config = sink_inputs(1, 2, 1, 40, 64, 32, 0, "cpu")
+    args = (q, k, v, qpos, kpos, rope.inv_freq, 1.0, config.chunk_len, config.chunk_size, 0.125)
+    launches = []
+    run = triton_prefill._run
+
+    def failing_split(launch_args, head_dim, q_len, programs, qsplit):
+        launches.append(qsplit)
+        if qsplit:
+            raise OutOfResources(294_912, 232_448, "shared memory")
+        return run(launch_args, head_dim, q_len, programs, qsplit)
+
+    triton_prefill._run = failing_split
+    try:
+        with _env("CHUNKLLAMA_PREFILL_QSPLIT", "1"), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = triton_prefill.dca_prefill(*args)
+    finally:
+        triton_prefill._run = run
+    with _env("CHUNKLLAMA_PREFILL_QSPLIT", "0"):
+        single = triton_prefill.dca_prefill(*args)
+    return {"launches": launches, "warnings": [str(w.message) for w in caught], "equal": bool(torch.equal(out, single))}
+
+
 def _worker_results() -> dict:
     from interpreter_worker import gpu_like_bf16
 
@@ -164,6 +196,7 @@ def _worker_results() -> dict:
         return {"skip": "this triton's interpreter has no hooks to make its bf16 arithmetic GPU-like"}
     results = {case[0]: prefill_errors(case, "cpu") for case in PREFILL_CASES}
     results.update({case[0]: decode_errors(case, "cpu") for case in DECODE_CASES})
+    results["fallback"] = fallback_case()
     return results
 
 
@@ -199,6 +232,39 @@ def test_interpreter_prefill_query_split_reaches_the_floor(case, interpreter_res
 @pytest.mark.parametrize("case", DECODE_CASES, ids=[c[0] for c in DECODE_CASES])
 def test_interpreter_decode_weight_split_reaches_the_floor(case, interpreter_results):
     _check_decode(interpreter_results[case[0]], floor_ratio=1.05)
+
+
+def test_interpreter_split_that_does_not_fit_falls_back_to_one_tile(interpreter_results):
+    result = interpreter_results["fallback"]
+    assert result["launches"] == [True, False], result
+    assert len(result["warnings"]) == 1 and "shared memory" in result["warnings"][0], result
+    assert result["equal"], result
+
+
+def test_shared_memory_estimate():
+    """The estimate reproduces what triton 3.6 asked for on the H200 (split at head_dim 128, default tiles:
+    294,912 B > 232,448 B, it failed to launch), and the default tiles of each head_dim fit with the split
+    where the launcher takes it by default or when asked."""
+    pytest.importorskip("triton")
+    from chunkllama.attention.triton_prefill import shared_memory
+
+    h200 = 232_448
+    assert shared_memory(128, (128, 64, 8, 3), True) == 294_912
+    assert shared_memory(128, (128, 64, 8, 3), False) <= h200  # the head_dim-128 default, as it runs today
+    assert shared_memory(128, (64, 64, 4, 3), True) <= h200  # the head_dim-128 split tiles
+    assert shared_memory(64, (128, 64, 4, 3), True) <= h200  # the head_dim-64 default (split)
+
+
+def test_query_split_policy(monkeypatch):
+    pytest.importorskip("triton")
+    from chunkllama.attention.triton_prefill import query_split
+
+    monkeypatch.delenv("CHUNKLLAMA_PREFILL_QSPLIT", raising=False)
+    assert query_split(64) and not query_split(128)
+    monkeypatch.setenv("CHUNKLLAMA_PREFILL_QSPLIT", "0")
+    assert not query_split(64)
+    monkeypatch.setenv("CHUNKLLAMA_PREFILL_QSPLIT", "1")
+    assert query_split(128)
 
 
 @pytest.mark.gpu

@@ -8,7 +8,10 @@ query rows that share one KV head (GQA: K/V are read once per KV head, never rep
 three rotations of those rows in registers (each as a high and a low part: the query keeps fp32
 precision through the score dots) and walks its share of the visible key tiles. Tiles
 wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
-per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
+per rotation and pick per element. P·V takes the softmax weights as bf16 high + low parts too (two
+dots; ``CHUNKLLAMA_DECODE_PSPLIT=0`` rounds them once): the reference path decodes in fp32, and one
+rounding of the weights put the kernel at 1.36x its error on an H200 (the 1.2x rule of issue 16).
+It writes its normalised partial output and log2-sum-exp in fp32.
 Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk, groups * Tq)``: merges the splits by
 log-sum-exp in fp32 and writes ``out`` in the input dtype.
 

@@ -24,10 +24,24 @@ its key loop (``_staged_query_at``): loaded from memory, the tile reaches the te
 shared memory, where a tile computed in registers would hold 32 registers per thread through the
 loop. That freed room is worth ~7% (Llama-2 shapes, 32k, H100); ``out`` is overwritten at the end.
 
+**Query split** (``QSPLIT``, :func:`query_split`): the rotated query is fp32 in registers; rounded once
+to bf16 for the score dots, its rounding error moves a large score (a sink key) by ~1% of its weight,
+the one error term the kernel had above the output's own rounding (``bench/emulate_rounding.py``).
+With the split the query is ``hi + lo`` (both bf16, ``lo`` the rounding error of ``hi``), scored as two
+dots into one fp32 accumulator, and the kernel's error is the output-rounding floor (tests:
+``tests/attention/test_triton_precision.py``). ``lo`` is staged like ``hi``, through a scratch tensor
+laid out as ``out`` (one more query-sized tensor while the kernel runs). Cost: a third dot per key
+tile and, on triton 3.6, one more ``BLOCK_M x D`` shared-memory buffer per phase
+(:func:`shared_memory`): on by default for head_dim <= 64 (the default model's; it fits the default
+tiles), off for head_dim 128, where it fits only with 64-row query blocks (not timed yet).
+``CHUNKLLAMA_PREFILL_QSPLIT=0/1`` overrides; a split that would not fit, or fails to launch for shared
+memory, falls back to the single tile with a warning.
+
 Assumption (what :mod:`chunkllama.patching` produces): within a row, key positions are
 ``index - offset`` (contiguous; padding negative, on the left). Query positions are read per row.
 Extra memory: cos/sin tables of ``2 * (chunk_size + 1) * D/2`` fp32 (3 MiB for chunk_size 6144,
-D 128); none for the staged queries. The tables replace in-kernel ``sin``/``cos``, which cost ~25% at 8k tokens.
+D 128); none for the staged queries without the split, one query-sized tensor with it. The tables
+replace in-kernel ``sin``/``cos``, which cost ~25% at 8k tokens.
 """
 
 from __future__ import annotations
@@ -302,8 +316,13 @@ def shared_memory(head_dim: int, config: tuple[int, int, int, int], qsplit: bool
 
 
 @functools.lru_cache(maxsize=None)
-def _max_shared_memory(device_index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+def _max_shared_memory(device_index: int) -> int | None:
+    """Opt-in shared memory per block of a CUDA device as triton checks it, or None where this triton's
+    driver does not say (the launcher's OutOfResources fallback then decides)."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 (a driver API that moved: no estimate rather than no kernel)
+        return None
 
 
 def query_split(head_dim: int) -> bool:
@@ -337,9 +356,14 @@ def _launch(
     cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
     qsplit = query_split(head_dim)
     if qsplit and query.device.type == "cuda":
-        index = query.device.index if query.device.index is not None else torch.cuda.current_device()
-        if shared_memory(head_dim, _config(head_dim, True), True, query.element_size()) > _max_shared_memory(index):
+        limit = _max_shared_memory(query.device.index if query.device.index is not None else torch.cuda.current_device())
+        need = shared_memory(head_dim, _config(head_dim, True), True, query.element_size())
+        if limit is not None and need > limit:
             qsplit = False
+            if os.environ.get("CHUNKLLAMA_PREFILL_QSPLIT", "0") != "0":
+                warnings.warn(f"dca_prefill: CHUNKLLAMA_PREFILL_QSPLIT asks for the query split, which needs ~{need} B "
+                              f"of shared memory (device: {limit} B); using the single query tile.", RuntimeWarning,
+                              stacklevel=2)
     args = (
         query, key, value, out, query_positions, key_positions, cos_table, sin_table,
         query.stride(0), query.stride(1), query.stride(2),
