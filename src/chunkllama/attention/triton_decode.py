@@ -8,7 +8,10 @@ query rows that share one KV head (GQA: K/V are read once per KV head, never rep
 three rotations of those rows in registers (each as a high and a low part: the query keeps fp32
 precision through the score dots) and walks its share of the visible key tiles. Tiles
 wholly in chunks ``<= c-2`` take one dot (inter rotation); tiles near the query's chunk take one dot
-per rotation and pick per element. It writes its normalised partial output and log2-sum-exp in fp32.
+per rotation and pick per element. P·V takes the softmax weights as bf16 high + low parts too (two
+dots; ``CHUNKLLAMA_DECODE_PSPLIT=0`` rounds them once): the reference path decodes in fp32, and one
+rounding of the weights put the kernel at 1.36x its error on an H200 (the 1.2x rule of issue 16).
+It writes its normalised partial output and log2-sum-exp in fp32.
 Pass 2 (``_dca_decode_merge_kernel``), grid ``(B * Hk, groups * Tq)``: merges the splits by
 log-sum-exp in fp32 and writes ``out`` in the input dtype.
 
@@ -64,6 +67,17 @@ def _scores(q_hi, q_lo, k, QSPLIT: tl.constexpr):
 
 
 @triton.jit
+def _weighted_values(p, v, DTYPE: tl.constexpr, PSPLIT: tl.constexpr):
+    """``p @ v`` in fp32 for fp32 weights ``p``: with ``PSPLIT`` as ``p_hi @ v + p_lo @ v`` (``p`` split
+    into ``DTYPE`` parts, so the weights keep ~16 bits), else one dot of ``p`` rounded to ``DTYPE``."""
+    p_hi = p.to(DTYPE)
+    pv = tl.dot(p_hi, v)
+    if PSPLIT:
+        pv = tl.dot((p - p_hi.to(tl.float32)).to(DTYPE), v, pv)
+    return pv
+
+
+@triton.jit
 def _dca_decode_split_kernel(
     Q, K, V, OPart, LPart, QPos, KPos, InvFreq,
     stride_qb, stride_qh, stride_qm,
@@ -71,6 +85,7 @@ def _dca_decode_split_kernel(
     stride_vb, stride_vh, stride_vn,
     Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
     SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
+    PSPLIT: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -138,7 +153,7 @@ def _dca_decode_split_kernel(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v)
+        acc = acc * alpha[:, None] + _weighted_values(p, v, DTYPE, PSPLIT)
         m_i = m_new
 
     has = l_i > 0
@@ -209,6 +224,15 @@ def query_split() -> bool:
     return os.environ.get("CHUNKLLAMA_DECODE_QSPLIT", "1") != "0"
 
 
+def weight_split() -> bool:
+    """Whether P·V takes the softmax weights as bf16 ``hi + lo`` (default) or rounded once
+    (``CHUNKLLAMA_DECODE_PSPLIT=0``). The reference path decodes in fp32 throughout (its static path),
+    so one rounding of the weights is the decode kernel's largest error term above the output's own
+    rounding (``bench/emulate_rounding.py``, decode table); the second dot is cheap where the K/V read
+    bounds the step."""
+    return os.environ.get("CHUNKLLAMA_DECODE_PSPLIT", "1") != "0"
+
+
 def decode_rows(q_heads: int, kv_heads: int, q_len: int) -> int:
     """Packed query rows per KV head (``groups * Tq``) rounded up to a power of two, at least 16."""
     return max(16, 1 << ((q_heads // kv_heads) * q_len - 1).bit_length())
@@ -241,7 +265,7 @@ def _launch(
         sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
         q_len, kv_len, kv_heads, groups, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
         splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=query_split(),
-        num_warps=warps, num_stages=stages,
+        PSPLIT=weight_split(), num_warps=warps, num_stages=stages,
     )
     _dca_decode_merge_kernel[(batch * kv_heads, groups * q_len)](
         o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,

@@ -24,19 +24,36 @@ its key loop (``_staged_query_at``): loaded from memory, the tile reaches the te
 shared memory, where a tile computed in registers would hold 32 registers per thread through the
 loop. That freed room is worth ~7% (Llama-2 shapes, 32k, H100); ``out`` is overwritten at the end.
 
+**Query split** (``QSPLIT``, :func:`query_split`): the rotated query is fp32 in registers; rounded once
+to bf16 for the score dots, its rounding error moves a large score (a sink key) by ~1% of its weight,
+the one error term the kernel had above the output's own rounding (``bench/emulate_rounding.py``).
+With the split the query is ``hi + lo`` (both bf16, ``lo`` the rounding error of ``hi``), scored as two
+dots into one fp32 accumulator, and the kernel's error is the output-rounding floor (tests:
+``tests/attention/test_triton_precision.py``). ``lo`` is staged like ``hi``, through a scratch tensor
+laid out as ``out`` (one more query-sized tensor while the kernel runs). Cost: a third dot per key
+tile and, on triton 3.6, one more ``BLOCK_M x D`` shared-memory buffer per phase
+(:func:`shared_memory`): on by default for head_dim <= 64 (the default model's; it fits the default
+tiles), off for head_dim 128, where it fits only with 64-row query blocks (not timed yet).
+``CHUNKLLAMA_PREFILL_QSPLIT=0/1`` overrides; a split that would not fit, or fails to launch for shared
+memory, falls back to the single tile with a warning.
+
 Assumption (what :mod:`chunkllama.patching` produces): within a row, key positions are
 ``index - offset`` (contiguous; padding negative, on the left). Query positions are read per row.
 Extra memory: cos/sin tables of ``2 * (chunk_size + 1) * D/2`` fp32 (3 MiB for chunk_size 6144,
-D 128); none for the staged queries. The tables replace in-kernel ``sin``/``cos``, which cost ~25% at 8k tokens.
+D 128); none for the staged queries without the split, one query-sized tensor with it. The tables
+replace in-kernel ``sin``/``cos``, which cost ~25% at 8k tokens.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import warnings
 
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -44,9 +61,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @triton.jit
 def _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale,
-              DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
+              HEAD_DIM: tl.constexpr):
     """Rows ``offs_m`` of ``q_head`` rotated at per-row positions ``rot_pos`` (cos/sin gathered from the
-    ``(chunk_size+1, D/2)`` fp32 tables, times ``attn_scaling``), pre-scaled by ``qk_scale``.
+    ``(chunk_size+1, D/2)`` fp32 tables, times ``attn_scaling``), pre-scaled by ``qk_scale``, in fp32.
     Pointer tiles are built here so that none stays live across the key loops."""
     HALF: tl.constexpr = HEAD_DIM // 2
     offs_d = tl.arange(0, HEAD_DIM)
@@ -58,20 +75,48 @@ def _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scali
     t_off = rot_pos[:, None] * HALF + (offs_d % HALF)[None, :]
     cos = tl.load(Cos + t_off) * attn_scaling
     sin = tl.load(Sin + t_off) * attn_scaling
-    return ((q * cos + sign[None, :] * q_sw * sin) * qk_scale).to(DTYPE)
+    return (q * cos + sign[None, :] * q_sw * sin) * qk_scale
 
 
 @triton.jit
-def _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling,
-                     qk_scale, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """:func:`_query_at`, written to this block's rows of the output and read back: a tile loaded from
-    memory feeds the tensor cores from shared memory instead of occupying registers through the loop."""
-    q = _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
-    o_ptrs = o_head + offs_m[:, None] * stride_om + tl.arange(0, HEAD_DIM)[None, :]
+def _split(q, DTYPE: tl.constexpr):
+    """fp32 ``q`` as ``(hi, lo)`` in ``DTYPE``: ``hi`` rounded, ``lo`` its rounding error rounded (their sum
+    carries ~16 significant bits for bf16)."""
+    hi = q.to(DTYPE)
+    return hi, (q - hi.to(tl.float32)).to(DTYPE)
+
+
+@triton.jit
+def _scores(q_hi, q_lo, k, QSPLIT: tl.constexpr):
+    """``(q_hi + q_lo) @ k`` in fp32 (two low-precision dots into one accumulator); ``q_hi @ k`` without
+    ``QSPLIT`` (``q_lo`` unused)."""
+    qk = tl.dot(q_hi, k)
+    if QSPLIT:
+        qk = tl.dot(q_lo, k, qk)
+    return qk
+
+
+@triton.jit
+def _staged_query_at(q_head, stride_qm, o_head, lo_head, stride_om, offs_m, row_mask, rot_pos, Cos, Sin,
+                     attn_scaling, qk_scale, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, QSPLIT: tl.constexpr):
+    """:func:`_query_at` in ``DTYPE``, written to this block's rows of the output and read back: a tile
+    loaded from memory feeds the tensor cores from shared memory instead of occupying registers through
+    the loop. With ``QSPLIT`` the rounding error (``lo``) takes the same way through this block's rows of
+    the scratch ``lo_head`` (laid out as the output). Returns ``(hi, lo)``; ``lo`` is ``hi`` without ``QSPLIT``."""
+    q = _query_at(q_head, stride_qm, offs_m, row_mask, rot_pos, Cos, Sin, attn_scaling, qk_scale, HEAD_DIM)
+    hi, lo = _split(q, DTYPE)
+    rows = offs_m[:, None] * stride_om + tl.arange(0, HEAD_DIM)[None, :]
     tl.debug_barrier()  # every warp is done with the previous staged query
-    tl.store(o_ptrs, q, mask=row_mask[:, None])
+    tl.store(o_head + rows, hi, mask=row_mask[:, None])
+    if QSPLIT:
+        tl.store(lo_head + rows, lo, mask=row_mask[:, None])
     tl.debug_barrier()
-    return tl.load(o_ptrs, mask=row_mask[:, None], other=0.0)
+    hi = tl.load(o_head + rows, mask=row_mask[:, None], other=0.0)
+    if QSPLIT:
+        lo = tl.load(lo_head + rows, mask=row_mask[:, None], other=0.0)
+    else:
+        lo = hi
+    return hi, lo
 
 
 @triton.jit
@@ -98,28 +143,28 @@ def _softmax_step_masked(acc, l_i, m_i, qk, v):
 
 
 @triton.jit
-def _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi,
-                offs_n, offs_d, BLOCK_N: tl.constexpr):
+def _pure_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi,
+                offs_n, offs_d, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr):
     """Key tiles ``[t_lo, t_hi)`` (in position units of BLOCK_N), all visible to every row, one rotation."""
     for t in range(t_lo, t_hi):
         kidx = koff + t * BLOCK_N + offs_n
         k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None])
-        qk = tl.dot(q, k)
+        qk = _scores(q, q_err, k, QSPLIT)
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :])
         acc, l_i, m_i = _softmax_step(acc, l_i, m_i, qk, v)
     return acc, l_i, m_i
 
 
 @triton.jit
-def _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi, Tk, qpos,
-                    offs_n, offs_d, BLOCK_N: tl.constexpr):
+def _diagonal_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_vn, koff, t_lo, t_hi, Tk, qpos,
+                    offs_n, offs_d, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr):
     """Intra-chunk key tiles ``[t_lo, t_hi)`` with the causal mask by position."""
     for t in range(t_lo, t_hi):
         kpos = t * BLOCK_N + offs_n
         kidx = koff + kpos
         kmask = kidx < Tk
         k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
-        qk = tl.dot(q, k)
+        qk = _scores(q, q_err, k, QSPLIT)
         visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
@@ -129,14 +174,14 @@ def _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff
 
 @triton.jit
 def _dca_prefill_kernel(
-    Q, K, V, Out, QPos, KPos, Cos, Sin,
+    Q, K, V, Out, QLo, QPos, KPos, Cos, Sin,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_qpb, stride_kpb,
     Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
 ):
     num_m = tl.cdiv(Tq, BLOCK_M)
     start_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
@@ -158,6 +203,7 @@ def _dca_prefill_kernel(
 
     q_head = Q + b * stride_qb + h * stride_qh
     o_head = Out + b * stride_ob + h * stride_oh
+    lo_head = QLo + b * stride_ob + h * stride_oh  # laid out as Out
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
 
@@ -178,10 +224,10 @@ def _dca_prefill_kernel(
         # Phase 1: tiles wholly inside chunks <= c_lo - 2 (inter for every row of the block).
         inter_end = (tl.maximum(c_lo - 1, 0) * chunk_len) // BLOCK_N
         if inter_end > 0:
-            q = _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_in, pos_inter, Cos, Sin,
-                                 attn_scaling, qk_scale, DTYPE, HEAD_DIM)
-            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff, 0, inter_end,
-                                        offs_n, offs_d, BLOCK_N)
+            q, q_err = _staged_query_at(q_head, stride_qm, o_head, lo_head, stride_om, offs_m, row_in,
+                                        pos_inter, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM, QSPLIT)
+            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_vn, koff, 0,
+                                        inter_end, offs_n, offs_d, BLOCK_N, QSPLIT)
         last_tile = q_hi // BLOCK_N + 1
         if (c_lo == c_hi) & (chunk_len % BLOCK_N == 0):
             tiles_per_chunk = chunk_len // BLOCK_N
@@ -189,19 +235,19 @@ def _dca_prefill_kernel(
             intra_lo = c_lo * tiles_per_chunk
             diag_lo = (q_lo + 1) // BLOCK_N
             if intra_lo > succ_lo:  # Phase 2: the previous chunk
-                q = _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_in, pos_succ, Cos, Sin,
-                                     attn_scaling, qk_scale, DTYPE, HEAD_DIM)
-                acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
-                                            succ_lo, intra_lo, offs_n, offs_d, BLOCK_N)
-            q = _staged_query_at(q_head, stride_qm, o_head, stride_om, offs_m, row_in, pos_intra, Cos, Sin,
-                                 attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+                q, q_err = _staged_query_at(q_head, stride_qm, o_head, lo_head, stride_om, offs_m, row_in,
+                                            pos_succ, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM, QSPLIT)
+                acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_vn, koff,
+                                            succ_lo, intra_lo, offs_n, offs_d, BLOCK_N, QSPLIT)
+            q, q_err = _staged_query_at(q_head, stride_qm, o_head, lo_head, stride_om, offs_m, row_in,
+                                        pos_intra, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM, QSPLIT)
             # Phase 3: own chunk, before the block's first query.  Phase 4: the diagonal, masked.
-            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
-                                        intra_lo, diag_lo, offs_n, offs_d, BLOCK_N)
-            acc, l_i, m_i = _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff,
-                                            diag_lo, last_tile, Tk, qpos, offs_n, offs_d, BLOCK_N)
+            acc, l_i, m_i = _pure_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_vn, koff,
+                                        intra_lo, diag_lo, offs_n, offs_d, BLOCK_N, QSPLIT)
+            acc, l_i, m_i = _diagonal_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_vn, koff,
+                                            diag_lo, last_tile, Tk, qpos, offs_n, offs_d, BLOCK_N, QSPLIT)
         else:
-            # General tiles: per-element relation, one dot per rotation.
+            # General tiles: per-element relation, one score product per rotation (two dots with QSPLIT).
             qc = qpos_c // chunk_len
             for t in range(inter_end, last_tile):
                 kpos = t * BLOCK_N + offs_n
@@ -209,15 +255,15 @@ def _dca_prefill_kernel(
                 kmask = kidx < Tk
                 k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
                 gap = qc[:, None] - (kpos // chunk_len)[None, :]
-                qa = _query_at(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling, qk_scale,
-                              DTYPE, HEAD_DIM)
-                qk = tl.dot(qa, k)
-                qb = _query_at(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling, qk_scale,
-                              DTYPE, HEAD_DIM)
-                qk = tl.where(gap == 1, tl.dot(qb, k), qk)
-                qi = _query_at(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling, qk_scale,
-                              DTYPE, HEAD_DIM)
-                qk = tl.where(gap >= 2, tl.dot(qi, k), qk)
+                qa, qa_err = _split(_query_at(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling,
+                                              qk_scale, HEAD_DIM), DTYPE)
+                qk = _scores(qa, qa_err, k, QSPLIT)
+                qb, qb_err = _split(_query_at(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling,
+                                              qk_scale, HEAD_DIM), DTYPE)
+                qk = tl.where(gap == 1, _scores(qb, qb_err, k, QSPLIT), qk)
+                qi, qi_err = _split(_query_at(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling,
+                                              qk_scale, HEAD_DIM), DTYPE)
+                qk = tl.where(gap >= 2, _scores(qi, qi_err, k, QSPLIT), qk)
                 visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
                 qk = tl.where(visible, qk, float("-inf"))
                 v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
@@ -242,8 +288,8 @@ def tuning_override(name: str, count: int) -> tuple[int, ...] | None:
     return values
 
 
-def _config(head_dim: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim."""
+def _config(head_dim: int, qsplit: bool = False) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head_dim, with or without the query split."""
     if _INTERPRET:
         return 16, 16, 1, 1
     override = tuning_override("CHUNKLLAMA_PREFILL_CONFIG", 4)  # "BM,BN,warps,stages"
@@ -251,7 +297,48 @@ def _config(head_dim: int) -> tuple[int, int, int, int]:
         return override
     if head_dim <= 64:
         return 128, 64, 4, 3
+    if qsplit:  # the split's staged tiles do not fit beside 3 stages of 128x64 at BLOCK_M 128 (shared_memory)
+        return 64, 64, 4, 3
     return 128, 64, 8, 3
+
+
+def shared_memory(head_dim: int, config: tuple[int, int, int, int], qsplit: bool, itemsize: int = 2) -> int:
+    """Bytes of shared memory the kernel is expected to take (triton 3.6 on sm_90; later versions took less).
+
+    Each of the three phases' staged query tiles (``BLOCK_M x D``; two with ``qsplit``) gets its own
+    buffer, and each pipeline stage holds one ``BLOCK_N x D`` tile of K and one of V. This reproduces
+    the 294,912 B that triton 3.6 asked for with the split at 128x64 / 3 stages, head_dim 128, on the
+    H200 (limit 232,448 B); ``bench/inspect_prefill_sass.py --qsplit 0 1`` prints the compiler's figure.
+    """
+    block_m, block_n, _, stages = config
+    staged = 3 * (2 if qsplit else 1) * block_m * head_dim * itemsize
+    return staged + stages * 2 * block_n * head_dim * itemsize
+
+
+@functools.lru_cache(maxsize=None)
+def _max_shared_memory(device_index: int) -> int | None:
+    """Opt-in shared memory per block of a CUDA device as triton checks it, or None where this triton's
+    driver does not say (the launcher's OutOfResources fallback then decides)."""
+    try:
+        return int(triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"])
+    except Exception:  # noqa: BLE001 (a driver API that moved: no estimate rather than no kernel)
+        return None
+
+
+def query_split(head_dim: int) -> bool:
+    """Whether the score dots take the rotated query as ``hi + lo`` in the input dtype (two dots into one
+    fp32 accumulator: the query keeps fp32 precision) rather than as one rounded tile.
+
+    ``CHUNKLLAMA_PREFILL_QSPLIT=1`` / ``0`` forces it on / off. By default it is on for head_dim <= 64
+    (the default model's), where it fits the default tiles, and off for head_dim 128, where it needs
+    smaller query blocks (``_config``) besides the second dot: a speed cost not measured yet, so the
+    head_dim-128 default keeps the single tile. Either way the launcher falls back to the single tile
+    when the split would not fit the device's shared memory.
+    """
+    env = os.environ.get("CHUNKLLAMA_PREFILL_QSPLIT")
+    if env:
+        return env != "0"
+    return head_dim <= 64
 
 
 def _launch(
@@ -267,9 +354,17 @@ def _launch(
     # cos/sin of every rotation position 0..chunk_size, computed as rope.py does (fp32 angles).
     angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
     cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
-    block_m, block_n, warps, stages = _config(head_dim)
-    grid = (triton.cdiv(q_len, block_m), batch * q_heads)
-    _dca_prefill_kernel[grid](
+    qsplit = query_split(head_dim)
+    if qsplit and query.device.type == "cuda":
+        limit = _max_shared_memory(query.device.index if query.device.index is not None else torch.cuda.current_device())
+        need = shared_memory(head_dim, _config(head_dim, True), True, query.element_size())
+        if limit is not None and need > limit:
+            qsplit = False
+            if os.environ.get("CHUNKLLAMA_PREFILL_QSPLIT", "0") != "0":
+                warnings.warn(f"dca_prefill: CHUNKLLAMA_PREFILL_QSPLIT asks for the query split, which needs ~{need} B "
+                              f"of shared memory (device: {limit} B); using the single query tile.", RuntimeWarning,
+                              stacklevel=2)
+    args = (
         query, key, value, out, query_positions, key_positions, cos_table, sin_table,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
@@ -277,7 +372,26 @@ def _launch(
         out.stride(0), out.stride(1), out.stride(2),
         query_positions.stride(0), key_positions.stride(0),
         q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+    )
+    if qsplit:
+        try:
+            return _run(args, head_dim, q_len, batch * q_heads, True)
+        except OutOfResources as error:  # the estimate was too low for this triton / device
+            warnings.warn(f"dca_prefill: the query split does not fit ({error}); using the single query tile.",
+                          RuntimeWarning, stacklevel=2)
+    return _run(args, head_dim, q_len, batch * q_heads, False)
+
+
+def _run(args: tuple, head_dim: int, q_len: int, programs_per_block: int, qsplit: bool) -> torch.Tensor:
+    """One launch of the kernel on ``args`` (those of :func:`_launch` without ``QLo``); returns ``Out``.
+    With ``qsplit`` the queries' low parts are staged in a scratch tensor laid out as ``Out``."""
+    out = args[3]
+    q_lo = torch.empty_like(out) if qsplit else out
+    block_m, block_n, warps, stages = _config(head_dim, qsplit)
+    grid = (triton.cdiv(q_len, block_m), programs_per_block)
+    _dca_prefill_kernel[grid](
+        *args[:4], q_lo, *args[4:],
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=qsplit, num_warps=warps, num_stages=stages,
     )
     return out
 
