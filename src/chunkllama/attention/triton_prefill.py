@@ -129,14 +129,14 @@ def _diagonal_phase(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, koff
 
 @triton.jit
 def _dca_prefill_kernel(
-    Q, K, V, Out, QPos, KPos, Cos, Sin,
+    Q, K, V, Out, Lse, QPos, KPos, Cos, Sin,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_om,
     stride_qpb, stride_kpb,
     Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     num_m = tl.cdiv(Tq, BLOCK_M)
     start_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
@@ -229,6 +229,9 @@ def _dca_prefill_kernel(
     tl.debug_barrier()  # the staged queries are read before the output overwrites them
     o_ptrs = o_head + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None])
+    if STORE_LSE:  # log2-domain log-sum-exp of the scaled scores, +inf for rows that saw no key
+        lse = tl.where(keep, m_i + tl.math.log2(tl.where(keep, l_i, 1.0)), float("inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_in)
 
 
 def tuning_override(name: str, count: int) -> tuple[int, ...] | None:
@@ -254,32 +257,51 @@ def _config(head_dim: int) -> tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
+def rope_tables(inv_freq: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every rotation position ``0..chunk_size``: fp32 ``(chunk_size + 1, D/2)`` each,
+    computed as :mod:`chunkllama.rope` does (fp32 angles ``position * inv_freq``)."""
+    angles = torch.arange(chunk_size + 1, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
 def _launch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query_positions: torch.Tensor, key_positions: torch.Tensor,
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
 ) -> torch.Tensor:
     """Body of :func:`dca_prefill` (inputs checked and converted), also the custom op's."""
+    return launch_prefill(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len,
+                          chunk_size, scale)[0]
+
+
+def launch_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_positions: torch.Tensor, key_positions: torch.Tensor,
+    inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernel: ``(out, lse)``; ``lse`` is None unless ``return_lse``, else fp32 ``(B, Hq, Tq)``
+    contiguous, the **log2**-domain log-sum-exp of the scaled scores (``+inf`` for rows that saw no key),
+    what :mod:`.triton_prefill_backward` recomputes probabilities from."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     # (B, T, H, D) in memory, as SDPA-flash returns it: the model's transpose + reshape is then free.
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
-    # cos/sin of every rotation position 0..chunk_size, computed as rope.py does (fp32 angles).
-    angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device) if return_lse else None
+    cos_table, sin_table = rope_tables(inv_freq, chunk_size)
     block_m, block_n, warps, stages = _config(head_dim)
     grid = (triton.cdiv(q_len, block_m), batch * q_heads)
     _dca_prefill_kernel[grid](
-        query, key, value, out, query_positions, key_positions, cos_table, sin_table,
+        query, key, value, out, out if lse is None else lse, query_positions, key_positions, cos_table, sin_table,
         query.stride(0), query.stride(1), query.stride(2),
         key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         query_positions.stride(0), key_positions.stride(0),
         q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, STORE_LSE=return_lse, num_warps=warps, num_stages=stages,
     )
-    return out
+    return out, lse
 
 
 _prefill_op = torch.library.custom_op("chunkllama::dca_prefill", _launch, mutates_args=())
