@@ -325,7 +325,14 @@ def dca_prefill(
     fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it). Under
     ``torch.compile`` this is the custom op ``chunkllama::dca_prefill`` (fake implementation
     registered); eagerly the launcher runs directly.
+
+    This op has no gradient: with inputs that require one it raises; use
+    :func:`chunkllama.attention.triton_prefill_backward.dca_prefill_trainable` (same arguments), as
+    :func:`chunkllama.attention.triton_dispatch.launch` does.
     """
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        raise RuntimeError("dca_prefill has no backward; call triton_prefill_backward.dca_prefill_trainable "
+                           "(same arguments) when inputs require gradients.")
     q_heads, head_dim = query.shape[1], query.shape[-1]
     if head_dim not in (64, 128) or value.shape[-1] != head_dim:
         raise ValueError(f"dca_prefill needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")
