@@ -149,8 +149,27 @@ def run_model_case(device="cpu", dtype=torch.float16) -> dict:
     }
 
 
+def run_rope_case(device="cpu", dtype=torch.float16) -> dict:
+    """Gradient of the rotation kernel (its backward: the same kernel at -positions) vs autograd of
+    :func:`chunkllama.rope.apply_rope`, positions up to 40, attention scaling 1.3."""
+    from chunkllama.attention.triton_rope import rotate_at
+    from chunkllama.rope import RotaryParams, apply_rope
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 41, 64, generator=gen).to(device, dtype)
+    g = torch.randn(2, 3, 41, 64, generator=gen).to(device, dtype)
+    positions = torch.stack([torch.arange(41), torch.arange(41).flip(0)]).to(device)
+    inv_freq = (1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))).to(device)
+    grads = []
+    for fn in (lambda t: rotate_at(t, positions, inv_freq, 1.3), lambda t: apply_rope(t, RotaryParams(inv_freq, 1.3), positions)):
+        leaf = x.clone().requires_grad_(True)
+        fn(leaf).backward(g)
+        grads.append(leaf.grad.float())
+    return {"err": (grads[0] - grads[1]).abs().max().item(), "max": grads[1].abs().max().item()}
+
+
 def _worker_results() -> dict:
-    results = {}
+    results = {"rope": run_rope_case()}
     for case in CPU_CASES:
         if case[4] > 1:  # the exact rule on the prefill kernel itself
             results["exact/" + case[0]] = run_case(case, torch.float32, "cpu")
@@ -189,6 +208,12 @@ def test_interpreter_patched_model_backward_matches_reference(interpreter_result
     the rotation kernel's backward) gives the parameter gradients of the reference path, FA's rule (measured
     ratios 0.7-1.7; the gradients are small, so the slack is relative: 0.2% of the largest entry)."""
     _check_lowp(interpreter_results["model"], torch.float16, atol=2e-3)
+
+
+def test_interpreter_rotation_kernel_backward(interpreter_results):
+    """The key rotation's gradient reaches the key projection: kernel backward = autograd of apply_rope."""
+    result = interpreter_results["rope"]
+    assert result["max"] > 1.0 and result["err"] <= 4e-3 * result["max"], result  # fp16 rounding apart
 
 
 def test_prefill_op_without_backward_refuses_gradients():
