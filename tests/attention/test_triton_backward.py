@@ -168,8 +168,26 @@ def run_rope_case(device="cpu", dtype=torch.float16) -> dict:
     return {"err": (grads[0] - grads[1]).abs().max().item(), "max": grads[1].abs().max().item()}
 
 
+def run_compile_case() -> dict:
+    """``torch.compile(fullgraph=True, backend="aot_eager")`` traces forward and backward through the custom
+    ops (the autograd formula registered with ``torch.library``): gradients equal eager's."""
+    from chunkllama.attention.triton_prefill_backward import dca_prefill_trainable
+
+    q, k, v, g, qpos, kpos, rope, config = make_case(CPU_CASES[3])
+
+    def step(a, b, c):
+        return dca_prefill_trainable(a, b, c, qpos, kpos, rope.inv_freq, 1.0, config.chunk_len, config.chunk_size, 0.125)
+
+    runs = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        leaves = [t.half().requires_grad_(True) for t in (q, k, v)]
+        (fn(*leaves).float() * g).sum().backward()
+        runs.append([t.grad for t in leaves])
+    return {"equal": [bool(torch.equal(a, b)) for a, b in zip(*runs)]}
+
+
 def _worker_results() -> dict:
-    results = {"rope": run_rope_case()}
+    results = {"rope": run_rope_case(), "compiled": run_compile_case()}
     for case in CPU_CASES:
         if case[4] > 1:  # the exact rule on the prefill kernel itself
             results["exact/" + case[0]] = run_case(case, torch.float32, "cpu")
@@ -214,6 +232,10 @@ def test_interpreter_rotation_kernel_backward(interpreter_results):
     """The key rotation's gradient reaches the key projection: kernel backward = autograd of apply_rope."""
     result = interpreter_results["rope"]
     assert result["max"] > 1.0 and result["err"] <= 4e-3 * result["max"], result  # fp16 rounding apart
+
+
+def test_interpreter_compiled_backward_equals_eager(interpreter_results):
+    assert interpreter_results["compiled"]["equal"] == [True, True, True]
 
 
 def test_prefill_op_without_backward_refuses_gradients():
