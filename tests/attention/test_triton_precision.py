@@ -171,11 +171,11 @@ def fallback_case() -> dict:
     launches = []
     run = triton_prefill._run
 
-    def failing_split(launch_args, head_dim, q_len, programs, qsplit):
+    def failing_split(launch_args, head_dim, q_len, programs, qsplit, lse):
         launches.append(qsplit)
         if qsplit:
             raise OutOfResources(294_912, 232_448, "shared memory")
-        return run(launch_args, head_dim, q_len, programs, qsplit)
+        return run(launch_args, head_dim, q_len, programs, qsplit, lse)
 
     triton_prefill._run = failing_split
     try:

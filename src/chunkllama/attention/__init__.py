@@ -15,7 +15,6 @@ import torch
 
 from ..config import DCAConfig
 from ..rope import RotaryParams, apply_rope
-from .autograd import backend_for_grad, needs_grad
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -108,8 +107,8 @@ def rotate_keys(
         ``(B, H, T, D)`` in ``key.dtype``.
     """
     loaded = load_backend(backend)
-    # The rotation kernel has no backward: with gradients the (bit-identical) PyTorch rotation runs.
-    if loaded.rope_kernel is not None and not needs_grad(key) and _triton_unsupported_reason(key, key, key, loaded) is None:
+    # With gradients the kernel's backward is the transpose rotation (the same kernel at -positions).
+    if loaded.rope_kernel is not None and _triton_unsupported_reason(key, key, key, loaded) is None:
         return loaded.rope_kernel.rotate_at(key, positions, rope.inv_freq, rope.attention_scaling)
     return apply_rope(key, rope, positions)
 
@@ -142,7 +141,9 @@ def dca_attention(
         backend: "auto", "reference" or "triton", or a :class:`LoadedBackend` (no import per call).
     Returns:
         ``(B, Hq, Tq, Dv)`` in ``query.dtype``. Rows that see no key (padding) are 0.
-        Softmax statistics are kept in fp32 whatever the input dtype.
+        Softmax statistics are kept in fp32 whatever the input dtype. Differentiable in ``query``,
+        ``key`` and ``value`` on both backends (reference: :mod:`.autograd`; Triton: the prefill kernel's
+        fused backward, :mod:`.triton_prefill_backward`, taken whenever gradients are needed).
     """
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise ValueError(
@@ -163,9 +164,8 @@ def dca_attention(
         )
     scale = head_dim**-0.5 if scale is None else scale
     loaded = load_backend(backend)
-    # The Triton kernels have no backward yet: with gradients "auto" takes the (exact) reference path
-    # and "triton" raises, never a silently wrong gradient.
-    if backend_for_grad(loaded.name, resolve_backend(loaded, query, key, value), query, key, value) == "triton":
+    # With gradients the Triton path runs the prefill kernel and its fused backward (any query count).
+    if resolve_backend(loaded, query, key, value) == "triton":
         return loaded.kernels.launch(query, key, value, query_positions, key_positions, rope, config, scale)
     return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
 

@@ -1,4 +1,4 @@
-"""Exact gradients for the fused attention pieces of the reference path, and the backward guard.
+"""Exact gradients for the fused attention pieces of the reference path.
 
 The chunked reference path (:mod:`.chunked`) computes each piece of DCA with a fused kernel that
 returns ``(out, lse)`` and merges the pieces through their log-sum-exp (:mod:`.merge`). PyTorch's
@@ -17,6 +17,7 @@ Backward (FlashAttention's recomputation from the saved log-sum-exp), per query 
     dQ = scale · dS K,   dK = scale · dSᵀ Q
 
 Only one block of ``P`` exists at a time, so memory stays linear in the length (no T×T).
+The Triton path has its own fused backward (:mod:`.triton_prefill_backward`).
 """
 
 from __future__ import annotations
@@ -118,28 +119,3 @@ def attend_with_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:class:`AttendWithLse` as a function; shapes as in :func:`attention_backward`."""
     return AttendWithLse.apply(query, key, value, scale, causal, kernel)
-
-
-def backend_for_grad(requested: str, resolved: str, *tensors: torch.Tensor) -> str:
-    """The backend to run when autograd may need a backward through ``tensors``.
-
-    The Triton kernels have no backward yet. With gradients needed: ``requested="auto"`` falls back
-    to the reference path (exact gradients, :class:`AttendWithLse`); an explicit
-    ``requested="triton"`` raises. Without gradients, ``resolved`` is returned unchanged.
-
-    Args:
-        requested: the backend the caller asked for ("auto", "reference" or "triton").
-        resolved: the backend dispatch chose for these inputs ("reference" or "triton").
-        tensors: the op's differentiable inputs (query, key, value).
-    Raises:
-        NotImplementedError: ``requested="triton"`` while gradients are needed.
-    """
-    if resolved != "triton" or not needs_grad(*tensors):
-        return resolved
-    if requested == "triton":
-        raise NotImplementedError(
-            "backend='triton' has no backward pass yet, and these inputs require gradients. "
-            "Train with backend='auto' or 'reference' (exact gradients, PyTorch kernels), or run "
-            "the forward under torch.no_grad() / torch.inference_mode()."
-        )
-    return "reference"

@@ -2,7 +2,9 @@
 
 :func:`unsupported_reason` is asked by :func:`chunkllama.attention.resolve_backend`;
 :func:`launch` runs :mod:`.triton_decode` for a few query rows per KV head
-(``groups * Tq <= 64``: decode, speculative steps) and :mod:`.triton_prefill` otherwise.
+(``groups * Tq <= 64``: decode, speculative steps) and :mod:`.triton_prefill` otherwise. When autograd
+needs a backward (grad mode on, an input requires grad) it runs the prefill kernel with its fused
+backward (:func:`.triton_prefill_backward.dca_prefill_trainable`), whatever the shape.
 
 Both kernels assume what :mod:`chunkllama.patching` produces: within a batch row, key positions are
 ``index - offset`` (left padding negative). Set ``CHUNKLLAMA_CHECK_POSITIONS=1`` to verify that on
@@ -18,8 +20,10 @@ import triton  # ImportError here means "unavailable": see resolve_backend
 
 from ..config import DCAConfig
 from ..rope import RotaryParams
+from .autograd import needs_grad
 from .triton_decode import dca_decode, decode_rows
 from .triton_prefill import dca_prefill
+from .triton_prefill_backward import dca_prefill_trainable
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -103,9 +107,11 @@ def launch(
         query, key, value, query_positions, key_positions,
         inv_freq, float(rope.attention_scaling), config.chunk_len, int(config.chunk_size), scale,
     )
+    if needs_grad(query, key, value):
+        return dca_prefill_trainable(*args)
     if decode_rows(query.shape[1], key.shape[1], query.shape[2]) <= DECODE_MAX_ROWS:
         return dca_decode(*args)
     return dca_prefill(*args)
 
 
-__all__ = ["unsupported_reason", "launch", "dca_prefill", "dca_decode"]
+__all__ = ["unsupported_reason", "launch", "dca_prefill", "dca_prefill_trainable", "dca_decode"]

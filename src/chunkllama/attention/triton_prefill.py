@@ -174,7 +174,7 @@ def _diagonal_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_v
 
 @triton.jit
 def _dca_prefill_kernel(
-    Q, K, V, Out, QLo, QPos, KPos, Cos, Sin,
+    Q, K, V, Out, QLo, Lse, QPos, KPos, Cos, Sin,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -182,6 +182,7 @@ def _dca_prefill_kernel(
     stride_qpb, stride_kpb,
     Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
+    STORE_LSE: tl.constexpr,
 ):
     num_m = tl.cdiv(Tq, BLOCK_M)
     start_m = num_m - 1 - tl.program_id(0)  # heaviest (latest) query blocks first
@@ -275,6 +276,9 @@ def _dca_prefill_kernel(
     tl.debug_barrier()  # the staged queries are read before the output overwrites them
     o_ptrs = o_head + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_in[:, None])
+    if STORE_LSE:  # log2-domain log-sum-exp of the scaled scores, +inf for rows that saw no key
+        lse = tl.where(keep, m_i + tl.math.log2(tl.where(keep, l_i, 1.0)), float("inf"))
+        tl.store(Lse + pid_bh.to(tl.int64) * Tq + offs_m, lse, mask=row_in)
 
 
 def tuning_override(name: str, count: int) -> tuple[int, ...] | None:
@@ -341,19 +345,38 @@ def query_split(head_dim: int) -> bool:
     return head_dim <= 64
 
 
+def rope_tables(inv_freq: torch.Tensor, chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every rotation position ``0..chunk_size``: fp32 ``(chunk_size + 1, D/2)`` each,
+    computed as :mod:`chunkllama.rope` does (fp32 angles ``position * inv_freq``)."""
+    angles = torch.arange(chunk_size + 1, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos().contiguous(), angles.sin().contiguous()
+
+
 def _launch(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     query_positions: torch.Tensor, key_positions: torch.Tensor,
     inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
 ) -> torch.Tensor:
     """Body of :func:`dca_prefill` (inputs checked and converted), also the custom op's."""
+    return launch_prefill(query, key, value, query_positions, key_positions, inv_freq, attn_scaling, chunk_len,
+                          chunk_size, scale)[0]
+
+
+def launch_prefill(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    query_positions: torch.Tensor, key_positions: torch.Tensor,
+    inv_freq: torch.Tensor, attn_scaling: float, chunk_len: int, chunk_size: int, scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run the kernel: ``(out, lse)``; ``lse`` is None unless ``return_lse``, else fp32 ``(B, Hq, Tq)``
+    contiguous, the **log2**-domain log-sum-exp of the scaled scores (``+inf`` for rows that saw no key),
+    what :mod:`.triton_prefill_backward` recomputes probabilities from."""
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     # (B, T, H, D) in memory, as SDPA-flash returns it: the model's transpose + reshape is then free.
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=query.device).transpose(1, 2)
-    # cos/sin of every rotation position 0..chunk_size, computed as rope.py does (fp32 angles).
-    angles = torch.arange(chunk_size + 1, device=query.device, dtype=torch.float32)[:, None] * inv_freq[None, :]
-    cos_table, sin_table = angles.cos().contiguous(), angles.sin().contiguous()
+    lse = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device) if return_lse else None
+    cos_table, sin_table = rope_tables(inv_freq, chunk_size)
     qsplit = query_split(head_dim)
     if qsplit and query.device.type == "cuda":
         limit = _max_shared_memory(query.device.index if query.device.index is not None else torch.cuda.current_device())
@@ -375,25 +398,29 @@ def _launch(
     )
     if qsplit:
         try:
-            return _run(args, head_dim, q_len, batch * q_heads, True)
+            _run(args, head_dim, q_len, batch * q_heads, True, lse)
+            return out, lse
         except OutOfResources as error:  # the estimate was too low for this triton / device
             warnings.warn(f"dca_prefill: the query split does not fit ({error}); using the single query tile.",
                           RuntimeWarning, stacklevel=2)
-    return _run(args, head_dim, q_len, batch * q_heads, False)
+    _run(args, head_dim, q_len, batch * q_heads, False, lse)
+    return out, lse
 
 
-def _run(args: tuple, head_dim: int, q_len: int, programs_per_block: int, qsplit: bool) -> torch.Tensor:
-    """One launch of the kernel on ``args`` (those of :func:`_launch` without ``QLo``); returns ``Out``.
-    With ``qsplit`` the queries' low parts are staged in a scratch tensor laid out as ``Out``."""
+def _run(args: tuple, head_dim: int, q_len: int, programs_per_block: int, qsplit: bool,
+         lse: torch.Tensor | None) -> None:
+    """One launch of the kernel on ``args`` (those of :func:`launch_prefill` without ``QLo`` and ``Lse``).
+    With ``qsplit`` the queries' low parts are staged in a scratch tensor laid out as ``Out``; ``lse``
+    (fp32 ``(B, Hq, Tq)``) is written when given."""
     out = args[3]
     q_lo = torch.empty_like(out) if qsplit else out
     block_m, block_n, warps, stages = _config(head_dim, qsplit)
     grid = (triton.cdiv(q_len, block_m), programs_per_block)
     _dca_prefill_kernel[grid](
-        *args[:4], q_lo, *args[4:],
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=qsplit, num_warps=warps, num_stages=stages,
+        *args[:4], q_lo, out if lse is None else lse, *args[4:],
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=qsplit, STORE_LSE=lse is not None,
+        num_warps=warps, num_stages=stages,
     )
-    return out
 
 
 _prefill_op = torch.library.custom_op("chunkllama::dca_prefill", _launch, mutates_args=())
@@ -417,7 +444,14 @@ def dca_prefill(
     fp32 there too (:func:`chunkllama.attention.triton_dispatch.launch` sees to it). Under
     ``torch.compile`` this is the custom op ``chunkllama::dca_prefill`` (fake implementation
     registered); eagerly the launcher runs directly.
+
+    This op has no gradient: with inputs that require one it raises; use
+    :func:`chunkllama.attention.triton_prefill_backward.dca_prefill_trainable` (same arguments), as
+    :func:`chunkllama.attention.triton_dispatch.launch` does.
     """
+    if torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad):
+        raise RuntimeError("dca_prefill has no backward; call triton_prefill_backward.dca_prefill_trainable "
+                           "(same arguments) when inputs require gradients.")
     q_heads, head_dim = query.shape[1], query.shape[-1]
     if head_dim not in (64, 128) or value.shape[-1] != head_dim:
         raise ValueError(f"dca_prefill needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")

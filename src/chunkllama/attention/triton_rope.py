@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .autograd import needs_grad
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # No FMA: round where PyTorch rounds (the interpreter has no such option and never fuses).
@@ -156,6 +158,22 @@ def _(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attn_sca
     return torch.empty_like(x)
 
 
+def _rope_at_setup(ctx, inputs, output) -> None:
+    _, positions, inv_freq, attn_scaling = inputs
+    ctx.save_for_backward(positions, inv_freq)
+    ctx.attn_scaling = attn_scaling
+
+
+def _rope_at_backward(ctx, grad):
+    """The transpose rotation: ``R(p)ᵀ = R(-p)`` (cos even, sin odd), the same kernel at ``-positions``."""
+    positions, inv_freq = ctx.saved_tensors
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    return _rope_at_op(grad, -positions, inv_freq, ctx.attn_scaling), None, None, None
+
+
+_rope_at_op.register_autograd(_rope_at_backward, setup_context=_rope_at_setup)
+
+
 def rotate_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attn_scaling: float = 1.0) -> torch.Tensor:
     """:func:`chunkllama.rope.apply_rope` at ``positions`` in one kernel (cos/sin computed inside).
 
@@ -166,6 +184,7 @@ def rotate_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         attn_scaling: multiplied into cos and sin.
     Returns:
         a new tensor shaped and laid out like ``x`` (``torch.empty_like``), in ``x.dtype``.
+        Differentiable in ``x`` (the gradient is the transpose rotation, one launch of the same kernel).
     """
     _check_x(x)
     if positions.dim() != 2 or positions.shape[1] != x.shape[2] or positions.shape[0] not in (1, x.shape[0]):
@@ -174,6 +193,6 @@ def rotate_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, 
         positions = positions.contiguous()
     if inv_freq.dtype != torch.float32 or inv_freq.device != x.device or inv_freq.stride(-1) != 1:
         inv_freq = inv_freq.to(device=x.device, dtype=torch.float32).contiguous()
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or needs_grad(x):  # the op carries the backward (rotation at -positions)
         return _rope_at_op(x, positions, inv_freq, attn_scaling)
     return _rope_at(x, positions, inv_freq, attn_scaling)  # eager: no dispatcher round trip (~10 us)
