@@ -4,6 +4,7 @@ Usage (GPU; random bf16 weights of a built-in shape, DCA with ``pretraining_leng
     python bench/bench_scale.py --lengths 256k 512k 1M                  # Llama-3-8B shapes, full depth
     python bench/bench_scale.py --lengths 1M --layers 4                 # memory per layer at 1M, quickly
     python bench/bench_scale.py --lengths 128k --throughput             # chunked vs one-shot prefill tokens/s
+    python bench/bench_scale.py --lengths 1M --kv-dtype fp8 --layers 8   # FP8 KV cache rows (merged into scale.json)
     python bench/bench_scale.py --shape smollm2-135m --layers 2 --lengths 4k --device cpu   # smoke run
 
 For each length: one ``model.generate(ids (1, T), max_new_tokens=N)`` with the prefill in pieces
@@ -13,7 +14,8 @@ out-of-memory error is a row, not a crash), ``seconds``, ``peak_gib`` (``torch.c
 weights included) and the planner's prediction for the same run (``planned_gib``, without its
 reserve) and at the shape's full depth (``planned_full_depth_gib``). ``--throughput`` times the
 prefill (``max_new_tokens=1``) in pieces and in one shot (alternating, best of two each) and writes their ratio.
-Writes ``scale.json`` and ``scale.md`` under ``--out``.
+``--kv-dtype fp8`` stores the KV cache as FP8 rows (``apply_dca(..., kv_cache_dtype="fp8")``) and plans
+with it. Writes ``scale.json`` and ``scale.md`` under ``--out``.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ def main() -> None:
     parser.add_argument("--pretraining-length", type=int, default=8192)
     parser.add_argument("--prefill-chunk", type=int, default=None, help="tokens per piece; default chunk_len, 0 one shot")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="KV cache storage (fp8: e4m3 + scales)")
     parser.add_argument("--throughput", action="store_true", help="also time prefill in pieces vs one shot")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
@@ -100,16 +103,17 @@ def main() -> None:
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(args.shape, args.layers, args.device, dtype)
     dca = chunkllama.DCAConfig(args.pretraining_length)
-    chunkllama.apply_dca(model, dca, backend=args.backend)
+    chunkllama.apply_dca(model, dca, backend=args.backend, kv_cache_dtype=args.kv_dtype)
     piece = resolve_prefill_chunk_size(dca, args.prefill_chunk)
     enable_chunked_prefill(model, piece)
     full_shape = Shape.from_config(SHAPES[args.shape])
     shape = dataclasses.replace(full_shape, layers=args.layers or full_shape.layers)
-    plan_kwargs = dict(new_tokens=args.new_tokens, dtype="bf16" if dtype == torch.bfloat16 else "fp32",
-                       kv_dtype="bf16" if dtype == torch.bfloat16 else "fp32", prefill_chunk=piece, dca=dca, reserve=0)
+    model_dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+    plan_kwargs = dict(new_tokens=args.new_tokens, dtype=model_dtype, kv_dtype="fp8" if args.kv_dtype == "fp8" else model_dtype,
+                       prefill_chunk=piece, dca=dca, reserve=0)
     common = {
         "shape": args.shape, "layers": shape.layers, "dca_config": dca.to_dict(), "prefill_chunk": piece,
-        "backend": args.backend, "dtype": str(dtype),
+        "backend": args.backend, "dtype": str(dtype), "kv_dtype": plan_kwargs["kv_dtype"],
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
     }

@@ -19,6 +19,7 @@ _EXPORTS = {
     "apply_dca": "patching",
     "dca_attention": "attention",
     "get_dca_config": "patching",
+    "get_kv_cache_dtype": "patching",
     "is_dca_applied": "patching",
     "load_model": "models",
     "remove_dca": "patching",
@@ -34,7 +35,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .attention import dca_attention
     from .config import DCAConfig
     from .models import load_model
-    from .patching import SUPPORTED_MODELS, apply_dca, get_dca_config, is_dca_applied, remove_dca
+    from .patching import SUPPORTED_MODELS, apply_dca, get_dca_config, get_kv_cache_dtype, is_dca_applied, remove_dca
     from .seed_compat import (
         FamilyPatch,
         replace_with_chunkllama,

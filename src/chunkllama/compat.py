@@ -64,6 +64,21 @@ def update_cache(
     return cache.update(key, value, layer_idx, kwargs=forward_kwargs)
 
 
+def stored_dtype(cache: Any, layer_idx: int) -> torch.dtype | None:
+    """The dtype ``cache`` already holds for ``layer_idx`` (None when it holds nothing yet or cannot say).
+
+    Caches lay out their layers in ``cache.layers`` (5.0 through 5.24); a static cache that
+    ``generate`` initialised early holds zeros of the model's dtype before the first update.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    keys = getattr(layers[layer_idx], "keys", None)
+    if not isinstance(keys, torch.Tensor) or keys.numel() == 0:
+        return None
+    return keys.dtype
+
+
 def cache_keyword(module: Any) -> str:
     """The keyword a model's ``forward`` takes its KV cache under: ``cache`` (5.24+) or ``past_key_values``."""
     import inspect

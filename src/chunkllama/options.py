@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 LENGTH_ACCEPTED = "a token count such as 4096, or with k = 1024 such as 4k or 1.5k"
 DEVICES = ("cpu", "cuda")
 DTYPES = ("bfloat16", "float16", "float32")
+#: KV cache storage: the model's dtype, or FP8 e4m3 with per-token scales (chunkllama.attention.fp8)
+KV_DTYPES = ("auto", "fp8")
 
 
 class OptionError(ValueError):
@@ -111,6 +113,14 @@ def dtype(text: str) -> str:
     value = short.get(value, value)
     if value not in DTYPES:
         raise OptionError(text, "unknown dtype", ", ".join(DTYPES))
+    return value
+
+
+def kv_dtype(text: str) -> str:
+    """``auto`` (keys/values in the model's dtype) or ``fp8`` (e4m3 with one scale per token and head: ~half the memory)."""
+    value = str(text).strip().lower()
+    if value not in KV_DTYPES:
+        raise OptionError(text, "unknown KV cache dtype", ", ".join(KV_DTYPES))
     return value
 
 

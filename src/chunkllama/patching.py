@@ -20,8 +20,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .attention import LoadedBackend, dca_attention, load_backend, rotate_keys
-from .compat import cached_length, pick_cache, update_cache
+from .attention import LoadedBackend, dca_attention, load_backend, quantize_keys_values, rotate_keys
+from .attention.autograd import needs_grad
+from .attention.fp8 import check_kv_cache_dtype
+from .compat import cached_length, pick_cache, stored_dtype, update_cache
 from .config import DCAConfig
 from .prefill import disable_chunked_prefill, enable_chunked_prefill, resolve_prefill_chunk_size
 from .positions import step_positions
@@ -61,6 +63,7 @@ class _AttentionPatch:
     rotary: nn.Module
     backend: LoadedBackend
     original_forward: Any  # the instance-level forward that was there before (usually none)
+    kv_cache_dtype: str = "auto"  # "fp8": keys/values stored and read as packed e4m3 rows (attention.fp8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +72,7 @@ class _ModelPatch:
 
     config: DCAConfig
     backend: str
+    kv_cache_dtype: str = "auto"
     # (module, attribute, original value): config objects swapped for this instance's own copies
     config_swaps: tuple[tuple[nn.Module, str, Any], ...] = ()
     # (name, original instance attribute or _MISSING) of the model's methods replaced per instance
@@ -97,6 +101,20 @@ ATTENTION_MAPS_ERROR = (
     "matrix (it attends chunk by chunk and merges partial softmax results), so there are no attention "
     "weights to return. Call without output_attentions, or remove_dca(model) first to get the plain "
     "model's attention maps (exact only within the pretraining window)."
+)
+
+
+FP8_GRAD_ERROR = (
+    "kv_cache_dtype='fp8' is for inference: quantizing keys and values to FP8 has no gradient. Run under "
+    "torch.no_grad() / torch.inference_mode(), or apply_dca(model, kv_cache_dtype='auto') to train."
+)
+
+
+FP8_CACHE_ERROR = (
+    "kv_cache_dtype='fp8' stores keys/values as packed FP8 rows (uint8), but this {} already holds {} "
+    "tensors: it was filled without the FP8 option, or preallocated in the model's dtype (a static cache with "
+    "chunked prefill). Use a fresh DynamicCache (what generate builds by default), or prefill_chunk_size=None "
+    "with cache_implementation='static'."
 )
 
 
@@ -213,6 +231,14 @@ def dca_attention_forward(
         )
     rope = _rotary_params(patch.rotary)
     key = rotate_keys(key, rope, step.key_rotation, patch.backend)
+    if patch.kv_cache_dtype == "fp8":
+        # Quantized before the cache, with or without one: every forward reads exactly what a cache would
+        # hold, so prefill in pieces, one-shot prefill and decode all see the same keys and values.
+        if needs_grad(key, value):
+            raise NotImplementedError(FP8_GRAD_ERROR)
+        key, value = quantize_keys_values(key, value, patch.backend)
+        if cache is not None and stored_dtype(cache, self.layer_idx) not in (None, torch.uint8):
+            raise ValueError(FP8_CACHE_ERROR.format(type(cache).__name__, stored_dtype(cache, self.layer_idx)))
     if cache is not None:
         key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
 
@@ -376,6 +402,7 @@ def apply_dca(
     *,
     backend: str = "auto",
     prefill_chunk_size: int | None = None,
+    kv_cache_dtype: str = "auto",
 ) -> nn.Module:
     """Enable Dual Chunk Attention on this model instance, in place; returns the model.
 
@@ -391,11 +418,18 @@ def apply_dca(
         prefill_chunk_size: tokens per prefill piece this instance's ``generate`` uses when the
             caller sets none (transformers' own chunked prefill, so activation memory is bounded by
             the piece, not the prompt); default: one DCA ``chunk_len``; 0 = prefill in one shot.
+        kv_cache_dtype: ``"auto"`` keeps keys/values in the model's dtype; ``"fp8"`` stores them as
+            e4m3 with one fp32 scale per token and KV head (:mod:`chunkllama.attention.fp8`), about
+            half the KV cache memory (``1 + 4/head_dim`` bytes per element), read directly by the
+            Triton kernels. Every forward then attends to the quantized keys/values, with or without
+            a cache (so perplexity measures it too). Inference only; works with the caches
+            ``generate`` builds, no special cache needed.
 
     Calling it again replaces the previous DCA settings (applying the same settings twice is the
     same as once). The model's own rope scaling (linear, dynamic NTK, YaRN, llama3) is kept.
     """
     loaded = load_backend(backend)
+    check_kv_cache_dtype(kv_cache_dtype)
     config = _resolve_config(model, pretraining_length, chunk_size, local_window)
     prefill = resolve_prefill_chunk_size(config, prefill_chunk_size)
     modules = _attention_modules(model)
@@ -404,7 +438,8 @@ def apply_dca(
     config_swaps = _own_config(model)
     for module, family in modules:
         original = module.__dict__.get("forward", _MISSING)
-        object.__setattr__(module, _LAYER_STATE, _AttentionPatch(config, family, rotary, loaded, original))
+        patch = _AttentionPatch(config, family, rotary, loaded, original, kv_cache_dtype)
+        object.__setattr__(module, _LAYER_STATE, patch)
         module.forward = types.MethodType(dca_attention_forward, module)
     hook = None
     base = next((m for m in model.modules() if getattr(m, "rotary_emb", None) is rotary), None)
@@ -412,7 +447,7 @@ def apply_dca(
         handle = base.register_forward_pre_hook(functools.partial(_prepare_forward, config.chunk_len), with_kwargs=True)
         hook = (base, handle.id)
     method_swaps = _replace_methods(model)
-    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, config_swaps, method_swaps, hook))
+    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, kv_cache_dtype, config_swaps, method_swaps, hook))
     enable_chunked_prefill(model, prefill)
     return model
 
@@ -460,6 +495,12 @@ def get_dca_config(model: nn.Module) -> DCAConfig | None:
     """The DCA config this model instance runs with, read back from the patch (None if unpatched)."""
     found = _patched_holder(model)
     return found[1].config if found else None
+
+
+def get_kv_cache_dtype(model: nn.Module) -> str | None:
+    """The KV cache dtype this patched instance stores ("auto" or "fp8"); None if unpatched."""
+    found = _patched_holder(model)
+    return found[1].kv_cache_dtype if found else None
 
 
 def is_dca_applied(model: nn.Module) -> bool:

@@ -11,7 +11,8 @@ element, the planner predicts, per GPU:
   + an ``H·E`` router for Mixtral), norms; untied ``lm_head`` ``V·H``). Under TP each layer's
   projections are split ``G`` ways; embedding and ``lm_head`` are counted whole (an upper bound).
 - **KV cache** = ``2·N·B·(T + new)·(Hk/G)·D·c`` (+ ``2·N·B·(T + new)·(Hk/G)·4`` of fp32 per-token,
-  per-head scales for an fp8 cache — the design in issue 12, not built yet).
+  per-head scales for an fp8 cache: ``apply_dca(model, kv_cache_dtype="fp8")`` stores rows of
+  ``D + 4`` bytes, :mod:`chunkllama.attention.fp8`).
 - **prefill peak**: the most memory the forward of the *last* piece holds at once on top of weights
   and cache (the last piece sees the longest cache), the larger of two moments in a layer:
 
@@ -20,9 +21,11 @@ element, the planner predicts, per GPU:
     experts (``S = B·P·k`` token-expert rows, top-``k``): ``(4·S·I/G + S·H)·b + 4·B·P·H·b`` (the
     gathered inputs, ``gate_up``, ``act(gate)``, the product) — an upper bound of the per-expert loop;
   * attention: ``3·B·P·H·b`` + ``B·P·(Hq + 2·Hk)/G·D·b`` (q, rotated k, v) + the larger of the
-    dynamic cache's growth copy ``B·(Hk/G)·D·(T - P)·c`` (``torch.cat`` holds the old keys and the
+    dynamic cache's growth copy ``B·(Hk/G)·D·(T - P)·c`` (``c = 1 + 4/D`` for fp8; ``torch.cat`` holds the old keys and the
     new ones of one layer at once; 0 for a static cache) and DCA's workspace ``B·(Hq/G)·(P·(D·b + 4)
-    + 7·min(P, chunk_len)·(D + 1)·4)`` (output, its log-sum-exp, fp32 partial results of one chunk);
+    + 7·min(P, chunk_len)·(D + 1)·4)`` (output, its log-sum-exp, fp32 partial results of one chunk),
+    with an fp8 cache plus ``2·B·(Hk/G)·T·D·b``: a prefill piece reads the layer's keys and values
+    dequantized to the activation dtype (:func:`chunkllama.attention.triton_dispatch.launch`);
 
   plus, for the whole forward, the attention mask transformers builds even though DCA never reads
   it: ``B·P·T`` bytes (``sdpa``: bool; skipped when there is no padding and ``P`` is ``T`` or 1),
@@ -199,8 +202,11 @@ def prefill_activation_peak(
     attn_implementation: str = "sdpa",
     cache: str = "dynamic",
     padded: bool = False,
+    dequantized_cache: bool = False,
 ) -> int:
-    """Peak bytes of the last prefill piece's forward on top of weights and KV cache (module docstring)."""
+    """Peak bytes of the last prefill piece's forward on top of weights and KV cache (module docstring).
+
+    ``dequantized_cache``: the cache is fp8 and the piece reads it dequantized (bf16 keys and values of one layer)."""
     piece = min(piece, length)
     h, d, g, b = shape.hidden, shape.head_dim, gpus, act_bytes
     q_heads, kv_heads = shape.q_heads / g, shape.kv_heads / g
@@ -212,14 +218,21 @@ def prefill_activation_peak(
         mlp = 3 * batch * piece * shape.intermediate / g * b + 4 * batch * piece * h * b
     growth = batch * kv_heads * d * (length - piece) * cache_bytes if cache == "dynamic" else 0
     workspace = batch * q_heads * (piece * (d * b + 4) + 7 * c * (d + 1) * 4)
+    if dequantized_cache:
+        workspace += 2 * batch * kv_heads * length * d * b
     attention = 3 * batch * piece * h * b + batch * piece * (q_heads + 2 * kv_heads) * d * b + max(growth, workspace)
     always = _mask_bytes(batch, piece, length, b, attn_implementation, padded) + 2 * batch * piece * d * b
     return int(max(mlp, attention) + always + 2 * batch * shape.vocab * 4)
 
 
+def kv_element_bytes(shape: Shape, kv_dtype: str) -> float:
+    """Bytes per cached key/value element: the dtype's, plus the fp32 scale of each fp8 row shared by ``D`` elements."""
+    return DTYPE_BYTES[kv_dtype] + (4 / shape.head_dim if kv_dtype == "fp8" else 0)
+
+
 def kv_cache_bytes(shape: Shape, tokens: int, *, batch: int = 1, kv_dtype: str = "bf16", gpus: int = 1) -> int:
     """``2·N·B·tokens·(Hk/G)·D·c`` (+ fp32 scales per token and head for fp8)."""
-    per_element = DTYPE_BYTES[kv_dtype] + (4 / shape.head_dim if kv_dtype == "fp8" else 0)
+    per_element = kv_element_bytes(shape, kv_dtype)
     return int(2 * shape.layers * batch * tokens * shape.kv_heads / gpus * shape.head_dim * per_element)
 
 
@@ -259,7 +272,7 @@ def make_plan(
     b = DTYPE_BYTES[dtype]
     weights = (shape.layers * shape.layer_params() / gpus + shape.params() - shape.layers * shape.layer_params()) * b
     common = dict(length=length, batch=batch, act_bytes=b, gpus=gpus, chunk_len=dca.chunk_len,
-                  cache_bytes=DTYPE_BYTES[kv_dtype], attn_implementation=attn_implementation, cache=cache, padded=padded)
+                  cache_bytes=kv_element_bytes(shape, kv_dtype), dequantized_cache=kv_dtype == "fp8", attn_implementation=attn_implementation, cache=cache, padded=padded)
     return Plan(
         weights=int(weights),
         kv_cache=kv_cache_bytes(shape, length + new_tokens, batch=batch, kv_dtype=kv_dtype, gpus=gpus),
@@ -327,7 +340,7 @@ def plan(
         batch: prompts prefilled together.
         gpus: tensor-parallel GPUs (heads and MLP columns split evenly).
         dtype: weights and activations: bf16, fp16 or fp32.
-        kv_dtype: KV cache elements: bf16, fp16, fp32 or fp8 (fp8 is planned, not built).
+        kv_dtype: KV cache elements: bf16, fp16, fp32 or fp8 (apply_dca(..., kv_cache_dtype="fp8"): e4m3 + a scale per token and head).
         prefill_chunk: tokens per prefill piece; default: DCA's chunk_len.
         pretraining_length: the model's window for DCA; default: max_position_embeddings.
         attn_implementation: the model's attention setting (decides the unused mask transformers builds): sdpa, eager or flash.

@@ -145,6 +145,27 @@ def test_prefix_cache_skips_the_shared_prefix(engine, model):
     assert again.cached_tokens == len(follow_up) - 1 and again.token_ids == second.token_ids
 
 
+def test_fp8_kv_cache_batched_and_prefix_cached_equals_alone(model, tokenizer):
+    """With kv_cache_dtype='fp8' the engine's caches hold packed FP8 rows; batching (left padding with zero
+    rows), the prefix cache and joining a batch give the answers of the same model served alone."""
+    import copy
+
+    fp8 = apply_dca(copy.deepcopy(model), pretraining_length=WINDOW, kv_cache_dtype="fp8")
+    eng = BatchedEngine(fp8, tokenizer, max_batch=4, max_queue=8, prefill_chunk=16, eos_token_ids=()).start()
+    try:
+        document = prompt(57, seed=7)
+        prompts = [document + prompt(6, seed=8), prompt(45, seed=45), prompt(23, seed=23)]
+        collectors = [run(eng, p, 12) for p in prompts]
+        for p, col in zip(prompts, collectors):
+            assert list(col.final.token_ids) == greedy_alone(fp8, p, 12)
+        follow_up = document + prompt(9, seed=9)
+        second = run(eng, follow_up, 10).final
+        assert second.cached_tokens == 57 and list(second.token_ids) == greedy_alone(fp8, follow_up, 10)
+        assert all(k.dtype == torch.uint8 for entry in eng.prefix_cache._entries.values() for k, _ in entry.kv)
+    finally:
+        eng.stop(timeout=5)
+
+
 def test_prefix_cache_lru_eviction_and_superseded_entries():
     def kv(n):
         return [(torch.zeros(1, 2, n, 4), torch.zeros(1, 2, n, 4))]  # 2 layers' worth: 2*2*n*4*4 bytes

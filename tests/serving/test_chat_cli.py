@@ -132,6 +132,17 @@ def test_bad_arguments_are_one_line_before_the_model_loads(capsys, monkeypatch, 
     assert pytest.importorskip("re").search(message, err), err
 
 
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_kv_dtype_is_checked_while_parsing(capsys, monkeypatch, command):
+    import chunkllama.models
+
+    monkeypatch.setattr(chunkllama.models, "load_model", lambda *a, **k: pytest.fail("model loaded for a bad argument"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--kv-dtype", "int4"])
+    assert exit_info.value.code == 2
+    assert "--kv-dtype int4: unknown KV cache dtype; accepted: auto, fp8" in capsys.readouterr().err
+
+
 def test_image_only_pdf_and_oversized_document_are_usage_errors(tmp_path, tiny_dir, capsys):
     fpdf = pytest.importorskip("fpdf")
     pdf = fpdf.FPDF()

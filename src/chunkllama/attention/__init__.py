@@ -15,6 +15,7 @@ import torch
 
 from ..config import DCAConfig
 from ..rope import RotaryParams, apply_rope
+from .fp8 import dequantize_kv, is_packed, quantize_kv, unpacked_dim
 from .reference import reference_dca_attention
 
 BACKENDS = ("auto", "reference", "triton")
@@ -113,6 +114,22 @@ def rotate_keys(
     return apply_rope(key, rope, positions)
 
 
+def quantize_keys_values(
+    key: torch.Tensor, value: torch.Tensor, backend: str | LoadedBackend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values ``(B, Hk, T, D)`` as packed FP8 rows ``(B, Hk, T, D + 4)`` uint8 (:mod:`.fp8`).
+
+    Where ``backend`` would run the Triton kernels on ``key`` (CUDA, fp16/bf16, head_dim 64/128), one
+    kernel launch does both (:func:`.triton_fp8.quantize_pair`, bit for bit the same); elsewhere
+    :func:`.fp8.quantize_kv` twice.
+    """
+    loaded = load_backend(backend)
+    if (loaded.kernels is not None and key.shape == value.shape and value.stride(-1) == 1
+            and _triton_unsupported_reason(key, key, key, loaded) is None):
+        return loaded.kernels.quantize_pair(key, value)
+    return quantize_kv(key), quantize_kv(value)
+
+
 def dca_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -130,7 +147,9 @@ def dca_attention(
         query: ``(B, Hq, Tq, D)``, **not** rotated; it is rotated here three ways.
         key: ``(B, Hk, Tk, D)``, already rotated at ``key_positions % config.chunk_len`` (as cached).
             ``Hq`` must be a multiple of ``Hk`` (GQA: query head ``h`` reads key head ``h // (Hq/Hk)``).
-        value: ``(B, Hk, Tk, Dv)``.
+            Or packed FP8 rows, uint8 ``(B, Hk, Tk, D + 4)`` (:mod:`.fp8`; value then packed too): the
+            Triton kernels read them directly, the reference path dequantizes them to ``query.dtype``.
+        value: ``(B, Hk, Tk, Dv)``, or packed like ``key``.
         query_positions: int64 ``(B, Tq)``: position ids of the queries; negative marks padding.
         key_positions: int64 ``(B, Tk)``: position ids of the keys; negative marks padding.
             A query sees the keys with ``0 <= key_position <= query_position`` (causal by
@@ -151,7 +170,10 @@ def dca_attention(
             f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}."
         )
     batch, q_heads, q_len, head_dim = query.shape
-    if key.shape[0] != batch or value.shape[0] != batch or key.shape[-1] != head_dim:
+    if is_packed(key) != is_packed(value):
+        raise ValueError(f"key ({key.dtype}) and value ({value.dtype}) must both be packed FP8 rows (uint8) or neither.")
+    key_dim = unpacked_dim(key) if is_packed(key) else key.shape[-1]
+    if key.shape[0] != batch or value.shape[0] != batch or key_dim != head_dim:
         raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} disagree on batch or head_dim.")
     if key.shape[:3] != value.shape[:3]:
         raise ValueError(f"key {tuple(key.shape)} and value {tuple(value.shape)} disagree on batch, heads or length.")
@@ -167,7 +189,12 @@ def dca_attention(
     # With gradients the Triton path runs the prefill kernel and its fused backward (any query count).
     if resolve_backend(loaded, query, key, value) == "triton":
         return loaded.kernels.launch(query, key, value, query_positions, key_positions, rope, config, scale)
+    if is_packed(key):
+        key, value = dequantize_kv(key, query.dtype), dequantize_kv(value, query.dtype)
     return reference_dca_attention(query, key, value, query_positions, key_positions, rope, config, scale)
 
 
-__all__ = ["BACKENDS", "LoadedBackend", "dca_attention", "load_backend", "reference_dca_attention", "resolve_backend", "rotate_keys"]
+__all__ = [
+    "BACKENDS", "LoadedBackend", "dca_attention", "load_backend", "quantize_keys_values", "reference_dca_attention",
+    "resolve_backend", "rotate_keys",
+]

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_fp8 import _load_kv, check_kv, kernel_kv
 from .triton_prefill import LOG2E, tuning_override
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -79,13 +80,13 @@ def _weighted_values(p, v, DTYPE: tl.constexpr, PSPLIT: tl.constexpr):
 
 @triton.jit
 def _dca_decode_split_kernel(
-    Q, K, V, OPart, LPart, QPos, KPos, InvFreq,
+    Q, K, V, KS, VS, OPart, LPart, QPos, KPos, InvFreq,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     Tq, Tk, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
     SPLITS, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QSPLIT: tl.constexpr,
-    PSPLIT: tl.constexpr,
+    PSPLIT: tl.constexpr, FP8: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -122,8 +123,18 @@ def _dca_decode_split_kernel(
     qc = qpos_c // chunk_len
     c_lo = tl.maximum(q_lo, 0) // chunk_len
 
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+    if FP8:  # packed rows: strides in rows of D + 4 bytes; KS/VS are the fp32 views (scale at D/4)
+        k_row0 = b * stride_kb + hk * stride_kh
+        v_row0 = b * stride_vb + hk * stride_vh
+        k_base = K + k_row0 * (HEAD_DIM + 4)
+        v_base = V + v_row0 * (HEAD_DIM + 4)
+        ks_base = KS + k_row0 * ((HEAD_DIM + 4) // 4) + HEAD_DIM // 4
+        vs_base = VS + v_row0 * ((HEAD_DIM + 4) // 4) + HEAD_DIM // 4
+    else:
+        k_base = K + b * stride_kb + hk * stride_kh
+        v_base = V + b * stride_vb + hk * stride_vh
+        ks_base = KS
+        vs_base = VS
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -137,8 +148,8 @@ def _dca_decode_split_kernel(
         kpos = t * BLOCK_N + offs_n
         kidx = koff + kpos
         kmask = kidx < Tk
-        k = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
-        v = tl.load(v_base + kidx[:, None] * stride_vn + offs_d[None, :], mask=kmask[:, None], other=0.0)
+        k, v, k_scale, v_scale = _load_kv(k_base, v_base, ks_base, vs_base, stride_kn, stride_vn, kidx, kmask, offs_d,
+                                          DTYPE, HEAD_DIM, FP8, True)
         if (t + 1) * BLOCK_N <= inter_pos_end:
             qk = _scores(qi_hi, qi_lo, k, QSPLIT)
         else:
@@ -146,6 +157,8 @@ def _dca_decode_split_kernel(
             qk = _scores(qa_hi, qa_lo, k, QSPLIT)
             qk = tl.where(gap == 1, _scores(qb_hi, qb_lo, k, QSPLIT), qk)
             qk = tl.where(gap >= 2, _scores(qi_hi, qi_lo, k, QSPLIT), qk)
+        if FP8:
+            qk = qk * k_scale[None, :]
         visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
         qk = tl.where(visible, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -153,6 +166,8 @@ def _dca_decode_split_kernel(
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        if FP8:
+            p = p * v_scale[None, :]  # each key's value scale on its column of P (the normaliser summed P)
         acc = acc * alpha[:, None] + _weighted_values(p, v, DTYPE, PSPLIT)
         m_i = m_new
 
@@ -258,14 +273,15 @@ def _launch(
     o_part = torch.empty(batch * kv_heads * splits * block_m, head_dim, dtype=torch.float32, device=device)
     l_part = torch.empty(batch * kv_heads * splits * block_m, dtype=torch.float32, device=device)
     out = torch.empty(batch, q_len, q_heads, head_dim, dtype=query.dtype, device=device).transpose(1, 2)
-    sq, sk, sv, so = query.stride(), key.stride(), value.stride(), out.stride()
+    sq, so = query.stride(), out.stride()
     groups = q_heads // kv_heads
+    k, v, ks, vs, skb, skh, skn, svb, svh, svn, fp8 = kernel_kv(key, value)
     _dca_decode_split_kernel[(batch * kv_heads, splits)](
-        query, key, value, o_part, l_part, query_positions, key_positions, inv_freq,
-        sq[0], sq[1], sq[2], sk[0], sk[1], sk[2], sv[0], sv[1], sv[2],
+        query, k, v, ks, vs, o_part, l_part, query_positions, key_positions, inv_freq,
+        sq[0], sq[1], sq[2], skb, skh, skn, svb, svh, svn,
         q_len, kv_len, kv_heads, groups, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
         splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=query_split(),
-        PSPLIT=weight_split(), num_warps=warps, num_stages=stages,
+        PSPLIT=weight_split(), FP8=fp8, num_warps=warps, num_stages=stages,
     )
     _dca_decode_merge_kernel[(batch * kv_heads, groups * q_len)](
         o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,
@@ -299,9 +315,7 @@ def dca_decode(
     registered, so the graph does not break); eagerly the launcher runs directly, without the
     dispatcher's round trip.
     """
-    head_dim = query.shape[-1]
-    if head_dim not in (64, 128) or value.shape[-1] != head_dim:
-        raise ValueError(f"dca_decode needs head_dim 64 or 128 for query and value; got {head_dim}, {value.shape[-1]}.")
+    check_kv(query, key, value, "dca_decode")
     if not query_positions.is_contiguous():
         query_positions = query_positions.contiguous()
     if not key_positions.is_contiguous():

@@ -21,6 +21,8 @@ import triton  # ImportError here means "unavailable": see resolve_backend
 from ..config import DCAConfig
 from ..rope import RotaryParams
 from .autograd import needs_grad
+from .fp8 import is_packed, packed_width
+from .triton_fp8 import dequantize, quantize_pair
 from .triton_decode import dca_decode, decode_rows
 from .triton_prefill import dca_prefill
 from .triton_prefill_backward import dca_prefill_trainable
@@ -49,11 +51,14 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return f"the interpreter of triton {triton.__version__} cannot run these kernels (needs >= 3.9)"
     if key.device != device or value.device != device:
         return "query, key and value are on different devices"
-    if query.dtype not in SUPPORTED_DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
-        return f"dtype {query.dtype}/{key.dtype}/{value.dtype} (supported: float16 or bfloat16, all the same)"
+    packed = is_packed(key) and is_packed(value)
+    if query.dtype not in SUPPORTED_DTYPES or not (packed or key.dtype == value.dtype == query.dtype):
+        return (f"dtype {query.dtype}/{key.dtype}/{value.dtype} (supported: float16 or bfloat16, all the same, "
+                "or packed FP8 keys and values)")
     head_dim = query.shape[-1]
-    if head_dim not in SUPPORTED_HEAD_DIMS or value.shape[-1] != head_dim:
-        return f"head_dim {head_dim} / value dim {value.shape[-1]} (supported: 64 or 128, equal)"
+    row = packed_width(head_dim) if packed else head_dim
+    if head_dim not in SUPPORTED_HEAD_DIMS or key.shape[-1] != row or value.shape[-1] != row:
+        return f"head_dim {head_dim} / key, value widths {key.shape[-1]}, {value.shape[-1]} (supported: 64 or 128, equal)"
     if query.shape[2] > key.shape[2]:
         return f"more queries ({query.shape[2]}) than keys ({key.shape[2]})"
     if key.shape[2] == 0:
@@ -66,6 +71,17 @@ def _check_positions(query_positions: torch.Tensor, key_positions: torch.Tensor)
     offsets = index - key_positions
     if not bool((offsets == offsets[:, -1:]).logical_or(key_positions < 0).all()):
         raise ValueError("Triton DCA kernels need key positions index - offset per row (contiguous).")
+
+
+def _rows_ok(tensor: torch.Tensor) -> bool:
+    """Whether the kernels can read ``tensor``'s rows as they are: contiguous last dimension; packed FP8
+    rows also back to back, with batch and head strides whole rows (the kernels address them in rows)."""
+    if tensor.stride(-1) != 1:
+        return False
+    if not is_packed(tensor):
+        return True
+    row = tensor.shape[-1]
+    return tensor.stride(2) == row and tensor.stride(1) % row == 0 and tensor.stride(0) % row == 0
 
 
 def _int64_on(positions: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -94,9 +110,9 @@ def launch(
     # Conversions only when needed: on the decode path every call's host time counts.
     if query.stride(-1) != 1:
         query = query.contiguous()
-    if key.stride(-1) != 1:
+    if not _rows_ok(key):
         key = key.contiguous()
-    if value.stride(-1) != 1:
+    if not _rows_ok(value):
         value = value.contiguous()
     query_positions = _int64_on(query_positions, query.device)
     key_positions = _int64_on(key_positions, query.device)
@@ -109,9 +125,17 @@ def launch(
     )
     if needs_grad(query, key, value):
         return dca_prefill_trainable(*args)
-    if decode_rows(query.shape[1], key.shape[1], query.shape[2]) <= DECODE_MAX_ROWS:
+    rows = decode_rows(query.shape[1], key.shape[1], query.shape[2])
+    if rows <= DECODE_MAX_ROWS:
         return dca_decode(*args)
+    if is_packed(key):
+        # The decode kernel reads packed FP8 rows; a prefill piece reads the layer's cache dequantized to the
+        # query dtype (one memory-bound pass, ~1% of a 5120-token piece's attention at long caches), since a
+        # prefill kernel reading FP8 directly measured 2.0x the bf16 kernel's time (H200, 16k and 64k: the
+        # e4m3 -> bf16 conversion in registers; branch fp8-kv-unsquashed has it).
+        key, value = dequantize(key, query.dtype), dequantize(value, query.dtype)
+        args = (query, key, value) + args[3:]
     return dca_prefill(*args)
 
 
-__all__ = ["unsupported_reason", "launch", "dca_prefill", "dca_prefill_trainable", "dca_decode"]
+__all__ = ["unsupported_reason", "launch", "dca_prefill", "dca_prefill_trainable", "dca_decode", "quantize_pair"]

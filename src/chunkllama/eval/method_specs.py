@@ -12,7 +12,15 @@ from ..options import OptionError
 
 METHOD_NAMES = ("none", "pi", "ntk", "yarn", "dca")
 _ROPE_SCALED = ("pi", "ntk", "yarn")
-_DCA_OPTIONS = {"chunk_size": int, "local_window": int, "backend": str, "pretraining_length": int}
+def kv_cache_dtype(text: str) -> str:
+    """``auto`` or ``fp8`` (see :func:`chunkllama.apply_dca`)."""
+    if text not in ("auto", "fp8"):
+        raise ValueError(text)
+    return text
+
+
+_DCA_OPTIONS = {"chunk_size": int, "local_window": int, "backend": str, "pretraining_length": int,
+                "kv_cache_dtype": kv_cache_dtype}
 _ROPE_OPTIONS = {"factor": float}
 ACCEPTED = ", ".join(METHOD_NAMES) + ", comma-separated; options like dca:chunk_size=4096,local_window=512"
 

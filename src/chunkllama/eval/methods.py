@@ -8,7 +8,7 @@
   ``target_len <= pretraining_length`` the factor would be <= 1, so nothing is changed (the
   method is then plain RoPE, and the record says so).
 - ``dca``: :func:`chunkllama.apply_dca` with its options (``chunk_size``, ``local_window``,
-  ``backend``).
+  ``backend``, ``kv_cache_dtype``: ``dca:kv_cache_dtype=fp8`` evaluates with the FP8 KV cache).
 
 Every application returns a record of the configuration *as read back from the model*
 (``rope_parameters`` of its config, the rotary module's class and attention scaling, the DCA
@@ -26,7 +26,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from ..patching import apply_dca, get_dca_config, remove_dca
+from ..patching import apply_dca, get_dca_config, get_kv_cache_dtype, remove_dca
 from .method_specs import METHOD_NAMES, MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
 
 ROPE_TYPES = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
@@ -73,6 +73,7 @@ def read_back(model: nn.Module) -> dict[str, Any]:
             "attention_scaling": float(getattr(rotary, "attention_scaling", 1.0)),
         },
         "dca": dca.to_dict() if dca is not None else None,
+        **({"kv_cache_dtype": get_kv_cache_dtype(model)} if dca is not None else {}),
     }
 
 
@@ -149,6 +150,7 @@ def apply_method(
             chunk_size=spec.option("chunk_size"),
             local_window=spec.option("local_window"),
             backend=spec.option("backend", "auto"),
+            kv_cache_dtype=spec.option("kv_cache_dtype", "auto"),
         )
     applied.record = {
         "method": spec.name,
