@@ -27,9 +27,9 @@ element, the planner predicts, per GPU:
     with an fp8 cache plus ``2·B·(Hk/G)·T·D·b``: a prefill piece reads the layer's keys and values
     dequantized to the activation dtype (:func:`chunkllama.attention.triton_dispatch.launch`);
 
-  plus, for the whole forward, the attention mask transformers builds even though DCA never reads
-  it: ``B·P·T`` bytes (``sdpa``: bool; skipped when there is no padding and ``P`` is ``T`` or 1),
-  ``B·P·T·b`` (``eager``), 0 (flash kernels); and rotary tables ``2·B·P·D·b``.
+  plus, for the whole forward, rotary tables ``2·B·P·D·b``. No attention mask: the patched base model
+  hands its layers a ``(B, 1, P, 1)`` placeholder (they read positions), so transformers builds none
+  (it used to build ``B·P·T`` bools per piece: 5 GiB per piece at a 1M-token cache).
 - **decode** adds little: logits of one position ``2·B·V·4``.
 
 Not modelled: the CUDA context and allocator slack (``reserve``, 1 GiB by default), fragmentation,
@@ -180,13 +180,9 @@ class Plan:
         return self.total(chunked) <= self.gpu_memory
 
 
-def _mask_bytes(batch: int, piece: int, kv_len: int, act_bytes: int, attn_implementation: str, padded: bool) -> int:
-    if attn_implementation == "eager":
-        return batch * piece * kv_len * act_bytes
-    if attn_implementation == "sdpa":
-        skipped = not padded and (piece == kv_len or piece == 1)
-        return 0 if skipped else batch * piece * kv_len
-    return 0
+def _mask_bytes(batch: int, piece: int) -> int:
+    """The placeholder mask a patched model passes instead of a ``(B, 1, P, T)`` one (one bool per query)."""
+    return batch * piece
 
 
 def prefill_activation_peak(
@@ -221,7 +217,7 @@ def prefill_activation_peak(
     if dequantized_cache:
         workspace += 2 * batch * kv_heads * length * d * b
     attention = 3 * batch * piece * h * b + batch * piece * (q_heads + 2 * kv_heads) * d * b + max(growth, workspace)
-    always = _mask_bytes(batch, piece, length, b, attn_implementation, padded) + 2 * batch * piece * d * b
+    always = _mask_bytes(batch, piece) + 2 * batch * piece * d * b
     return int(max(mlp, attention) + always + 2 * batch * shape.vocab * 4)
 
 
@@ -343,9 +339,10 @@ def plan(
         kv_dtype: KV cache elements: bf16, fp16, fp32 or fp8 (apply_dca(..., kv_cache_dtype="fp8"): e4m3 + a scale per token and head).
         prefill_chunk: tokens per prefill piece; default: DCA's chunk_len.
         pretraining_length: the model's window for DCA; default: max_position_embeddings.
-        attn_implementation: the model's attention setting (decides the unused mask transformers builds): sdpa, eager or flash.
+        attn_implementation: the model's attention setting (sdpa, eager or flash); checked, and no longer changes
+            the estimate since the patched model builds no mask.
         cache: dynamic (grows by copying) or static (preallocated).
-        padded: whether the batch has left padding (sdpa then builds a mask even in one shot).
+        padded: whether the batch has left padding (kept for callers; no effect on the estimate: no mask is built).
         gpu_memory: memory of one GPU, e.g. 139GiB (what an H200 leaves to PyTorch, about), 80GB.
         reserve: CUDA context and allocator slack added to every total.
     """
