@@ -281,3 +281,9 @@ def test_registry_entries_are_imported_only_when_run(capsys):
     assert cli.main(["missing"], commands=commands) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "chunkllama missing: error: this command needs chunkllama_no_such_module" in err
+
+
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_single_process_commands_refused_under_torchrun(command):
+    result = run_cli(command, env={"WORLD_SIZE": "2", "RANK": "0"})
+    assert_usage_error(result, f"chunkllama {command}", "error: [rank 0] runs in one process, not under torchrun")

@@ -81,3 +81,21 @@ def test_outside_torchrun_nothing_changes(monkeypatch):
     assert not is_main_process()
     config = kwargs.get("distributed_config")
     assert (config.tp_plan if config is not None else kwargs["tp_plan"]) == "auto"
+
+
+def test_quiet_unless_main_silences_other_ranks_and_restores_streams(monkeypatch, capsys):
+    from chunkllama.distributed import quiet_unless_main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(RuntimeError), quiet_unless_main():
+        print("rank 1 result")
+        print("rank 1 progress", file=sys.stderr)
+        raise RuntimeError("boom")
+    print("after")
+    captured = capsys.readouterr()
+    assert captured.out == "after\n" and captured.err == ""
+    monkeypatch.setenv("RANK", "0")
+    with quiet_unless_main():
+        print("rank 0 result")
+    assert capsys.readouterr().out == "rank 0 result\n"

@@ -285,3 +285,70 @@ def test_default_model_loads_generates_and_caches(monkeypatch):
     for (name, a), b in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), name
     assert not [p for p in cache_dir.parent.iterdir() if p.name.startswith(f".{cache_dir.name}.tmp-")]
+
+
+# --- placement: device="auto" (accelerate), tensor parallelism under torchrun -------------------
+
+
+@pytest.fixture()
+def tiny_dir(tmp_path):
+    from test_cli import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path / "tiny")
+
+
+@pytest.fixture()
+def one_process(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def test_device_auto_split_with_offload_equals_one_device(tiny_dir, tmp_path, one_process):
+    """``device="auto"`` is accelerate's ``device_map="auto"``; a CPU budget of 85% of the weights
+    keeps the embedding and layer 0 on the CPU and offloads layer 1 and the head to disk (hooks load
+    them at each call: a CPU-only machine has no second device). DCA on the split model gives the
+    logits and greedy tokens of the model on one device."""
+    import chunkllama
+
+    whole, _ = models.load_model(tiny_dir, device="cpu")
+    total = sum(p.numel() * p.element_size() for p in whole.parameters())
+    split, _ = models.load_model(tiny_dir, device="auto", max_memory={"cpu": int(0.85 * total)},
+                                 offload_folder=str(tmp_path / "offload"))
+    placed = split.hf_device_map
+    assert placed["model.embed_tokens"] == "cpu" and placed["model.layers.1"] == "disk", placed
+    assert split.model.layers[1].self_attn.q_proj.weight.device.type == "meta"  # on disk, loaded by hooks
+    ids = torch.randint(3, whole.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
+    for model in (whole, split):
+        chunkllama.apply_dca(model, pretraining_length=64)
+    with torch.no_grad():
+        err = (split(ids).logits - whole(ids).logits).abs().max().item()
+        tokens = [m.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0) for m in (split, whole)]
+    assert err <= 1e-5, err
+    assert torch.equal(tokens[0], tokens[1])
+
+
+def test_placement_conflicts_fail_before_loading(tiny_dir, monkeypatch, one_process):
+    with pytest.raises(ValueError, match="both place the model"):
+        models.load_model(tiny_dir, device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="max_memory limits a device_map split"):
+        models.load_model(tiny_dir, device="cpu", max_memory={"cpu": 10**6})
+    with pytest.raises(ValueError, match="needs several processes: run under torchrun"):
+        models.load_model(tiny_dir, tensor_parallel=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    for placement in ({"device": "auto"}, {"device_map": {"": "cpu"}}):
+        with pytest.raises(ValueError, match=r"tensor parallelism under torchrun \(2 processes\).*conflicts"):
+            models.load_model(tiny_dir, **placement)
+    with pytest.raises(ValueError, match="shard on (cpu|cuda:LOCAL_RANK), not cuda:1"):
+        models.load_model(tiny_dir, device="cuda:1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ValueError, match="over 3 processes cannot split 4 query / 2 key-value heads"):
+        models.load_model(tiny_dir)
+
+
+def test_tensor_parallel_false_loads_the_whole_model_under_torchrun(tiny_dir, monkeypatch):
+    """What ``finetune`` does (data parallel): no process group, no DTensor, the model on the device given."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    model, _ = models.load_model(tiny_dir, device="cpu", tensor_parallel=False)
+    assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Parameter"

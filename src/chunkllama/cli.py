@@ -46,6 +46,10 @@ COMMANDS: dict[str, str | Callable[..., int | None]] = {
     "eval ruler": "chunkllama.eval.ruler_command:eval_ruler",
 }
 
+# Commands that serve one user from one process (stdin, a socket): refused under torchrun. Every other
+# command runs there as it is: the model is sharded over the processes, rank 0 prints and writes.
+SINGLE_PROCESS = frozenset({"chat", "serve"})
+
 # Descriptions of command groups (the first word of a two-word command name).
 GROUPS: dict[str, str] = {
     "eval": "Evaluate long-context methods (none, pi, ntk, yarn, dca) on a model: PG19 perplexity, passkey "
@@ -313,6 +317,14 @@ def main(argv: Sequence[str] | None = None, commands: dict[str, str | Callable[.
     if extra:
         sub = _find_subparser(parser, name)
         sub.error(f"{extra[0]}: unknown option; accepted: the options listed by `{sub.prog} --help`")
+    from . import distributed
+
+    rank_tag = f"[rank {distributed.rank()}] " if distributed.world_size() > 1 else ""
+    if distributed.world_size() > 1 and name in SINGLE_PROCESS:
+        print(f"{_prog(name)}: error: {rank_tag}runs in one process, not under torchrun "
+              f"({distributed.world_size()} processes); use --device auto to split a large model over GPUs",
+              file=sys.stderr)
+        return USAGE_ERROR
     values = vars(args)
     func = values.pop("_command")
     kwargs = {k: v for k, v in values.items() if k in inspect.signature(func).parameters}
@@ -323,20 +335,23 @@ def main(argv: Sequence[str] | None = None, commands: dict[str, str | Callable[.
     except OptionError as exc:
         _find_subparser(parser, name).error(str(exc))
     try:
-        return int(func(**kwargs) or 0)
+        with distributed.quiet_unless_main():  # under torchrun only rank 0 prints (its files: see the commands)
+            return int(func(**kwargs) or 0)
     except Exception as exc:  # one line unless --debug
         if debug:
             raise
         code = USAGE_ERROR if isinstance(exc, OptionError) else FAILURE
         text = str(exc) if isinstance(exc, OptionError) else f"{type(exc).__name__}: {exc}"
         hint = "" if isinstance(exc, OptionError) else f" (run with --debug or {DEBUG_ENV}=1 for the traceback)"
-        print(f"{_prog(name)}: error: {' '.join(text.split())}{hint}", file=sys.stderr)
+        print(f"{_prog(name)}: error: {rank_tag}{' '.join(text.split())}{hint}", file=sys.stderr)
         return code
     except KeyboardInterrupt:
         if debug:
             raise
         print(f"{_prog(name)}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.end_process_group()
 
 
 def _find_subparser(parser: argparse.ArgumentParser, name: str | None) -> argparse.ArgumentParser:

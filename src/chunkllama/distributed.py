@@ -6,18 +6,22 @@ modules see only their local heads — DCA needs nothing but the heads it is giv
 row-parallel ``o_proj`` all-reduces the result (DTensor). transformers starts the process group
 (NCCL on GPUs, gloo on the CPU) from the environment ``torchrun`` sets.
 
-Run any entry point under ``torchrun`` to use it, e.g.::
+Every ``chunkllama`` command runs under ``torchrun`` as it is, e.g.::
 
-    torchrun --nproc-per-node 2 -m chunkllama.cli eval ppl --model meta-llama/Meta-Llama-3-70B
+    torchrun --nproc-per-node 2 -m chunkllama eval ppl --model meta-llama/Meta-Llama-3-70B
 
-with model loading going through :func:`from_pretrained_kwargs` (every rank loads its shard).
-Heads must divide evenly by the number of processes (see ``chunkllama plan --gpus``).
+:func:`chunkllama.load_model` then loads with :func:`from_pretrained_kwargs` (every rank loads its
+shard, on ``cuda:LOCAL_RANK`` or the CPU), every rank runs the same forward passes, and only rank 0
+prints and writes files (:func:`quiet_unless_main`, :func:`is_main_process`). Heads must divide
+evenly by the number of processes (see ``chunkllama plan --gpus``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import sys
+from typing import Any, Iterator
 
 
 def world_size() -> int:
@@ -25,9 +29,14 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank() -> int:
+    """This process's rank under ``torchrun`` (0 when not under ``torchrun``)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
     """True on rank 0, and when not under ``torchrun``: the process that prints and writes files."""
-    return int(os.environ.get("RANK", "0")) == 0
+    return rank() == 0
 
 
 def from_pretrained_kwargs() -> dict[str, Any]:
@@ -44,3 +53,53 @@ def from_pretrained_kwargs() -> dict[str, Any]:
     except ImportError:  # releases before DistributedConfig
         return {"tp_plan": "auto"}
     return {"distributed_config": DistributedConfig(tp_plan="auto")}
+
+
+def shard_device_type() -> str:
+    """Where transformers puts this rank's shard: ``"cuda"`` (``cuda:LOCAL_RANK``) when CUDA is there, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_heads_split(config: Any, processes: int) -> None:
+    """Raise ``ValueError`` unless ``processes`` divides the query and key-value heads of ``config``.
+
+    ``config`` is a transformers config (its text config is read for multimodal ones).
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    q_heads = getattr(text, "num_attention_heads", None)
+    kv_heads = getattr(text, "num_key_value_heads", None) or q_heads
+    if q_heads is None:
+        return
+    if q_heads % processes or kv_heads % processes:
+        raise ValueError(
+            f"tensor parallelism over {processes} processes cannot split {q_heads} query / {kv_heads} key-value "
+            f"heads evenly; run torchrun with --nproc-per-node dividing both (see `chunkllama plan --gpus`)"
+        )
+
+
+@contextlib.contextmanager
+def quiet_unless_main() -> Iterator[None]:
+    """Inside, a rank other than 0 prints nothing: ``sys.stdout``/``sys.stderr`` go nowhere (progress bars too).
+
+    Rank 0 and a process outside ``torchrun`` are untouched. The streams are restored on the way
+    out, before an exception leaves the block, so a failing rank still reports its error.
+    """
+    if is_main_process():
+        yield
+        return
+    with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink), \
+            contextlib.redirect_stderr(sink):
+        yield
+
+
+def end_process_group() -> None:
+    """Destroy the default process group if one was started (transformers starts it for tensor parallelism).
+
+    Nothing happens when ``torch.distributed`` was never imported or initialized, so a command that
+    never loaded torch stays torch-free.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

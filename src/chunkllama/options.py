@@ -98,11 +98,13 @@ def fraction(text: str | float) -> float:
 
 
 def device(text: str) -> str:
-    """``cpu``, ``cuda`` or ``cuda:N``."""
+    """``cpu``, ``cuda``, ``cuda:N``, or ``auto`` (the model split over all GPUs by accelerate's ``device_map="auto"``)."""
     value = str(text).strip()
+    if value.lower() == "auto":
+        return "auto"
     kind, _, index = value.partition(":")
     if kind not in DEVICES or (index and not (kind == "cuda" and index.isdigit())):
-        raise OptionError(value, "unknown device", "cpu, cuda, cuda:N")
+        raise OptionError(value, "unknown device", "cpu, cuda, cuda:N, auto")
     return value
 
 

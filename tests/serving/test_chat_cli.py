@@ -115,7 +115,7 @@ def test_interactive_chat_in_a_pseudo_terminal(tiny_dir):
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--max-context", "1"], "--max-context must be >= 2"),
         (["--json"], "--json needs at least one --question"),
-        (["--device", "tpu"], "--device must be cpu or cuda"),
+        (["--device", "tpu"], "--device must be cpu, cuda, cuda:N or auto"),
     ],
 )
 def test_bad_arguments_are_one_line_before_the_model_loads(capsys, monkeypatch, extra, message):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Sequence
 
 from .. import options
+from ..distributed import is_main_process
 from .method_specs import methods as checked_methods
 
 DEFAULT_METHODS = "none,yarn,ntk,dca"
@@ -105,8 +106,9 @@ def run_ppl(
     table = pivot_table(rows, "ppl")
     settings = {"model": _model_name(model), "n_corpus_tokens": tokens.numel(), "n_windows": n_windows,
                 "stride": stride, "methods": [s.label for s in specs], "lengths": ls}
-    write_report(output, "ppl", rows, samples, table, settings)
-    plot_vs_length(rows, "ppl", Path(output) / "ppl_vs_length.png", "PG19 perplexity", "perplexity", log_y=True)
+    if is_main_process():  # under torchrun every rank computed the same rows; one writes them
+        write_report(output, "ppl", rows, samples, table, settings)
+        plot_vs_length(rows, "ppl", Path(output) / "ppl_vs_length.png", "PG19 perplexity", "perplexity", log_y=True)
     print(table, flush=True)
     return rows
 
@@ -137,8 +139,9 @@ def run_passkey(
     table = pivot_table(rows, lambda r: f"{r['correct']}/{r['n']}")
     settings = {"model": _model_name(model), "depths": depths, "trials_per_depth": trials,
                 "scoring": "greedy" if greedy else "teacher_forcing", "methods": [s.label for s in specs], "lengths": ls}
-    write_report(output, "passkey", rows, samples, table, settings)
-    plot_vs_length(rows, "passkey", Path(output) / "passkey_vs_length.png", "Passkey retrieval", "accuracy")
+    if is_main_process():
+        write_report(output, "passkey", rows, samples, table, settings)
+        plot_vs_length(rows, "passkey", Path(output) / "passkey_vs_length.png", "Passkey retrieval", "accuracy")
     print(table, flush=True)
     return rows
 
@@ -174,12 +177,13 @@ def run_needle(
     table = pivot_table(rows, lambda r: f"{r['found']}/{r['n']}")
     settings = {"model": _model_name(model), "depths": grid, "methods": [s.label for s in specs], "lengths": ls,
                 "max_new_tokens": max_new_tokens}
-    write_report(output, "needle", rows, samples, table, settings)
-    for spec in specs:
-        safe = "".join(ch if ch.isalnum() or ch in "-_=" else "_" for ch in spec.label)
-        plot_heatmap(samples, spec.label, Path(output) / f"needle_{safe}.png",
-                     f"Pressure Testing {_model_name(model)} + {spec.label}\n"
-                     'Fact Retrieval Across Context Lengths ("Needle In A HayStack")')
+    if is_main_process():
+        write_report(output, "needle", rows, samples, table, settings)
+        for spec in specs:
+            safe = "".join(ch if ch.isalnum() or ch in "-_=" else "_" for ch in spec.label)
+            plot_heatmap(samples, spec.label, Path(output) / f"needle_{safe}.png",
+                         f"Pressure Testing {_model_name(model)} + {spec.label}\n"
+                         'Fact Retrieval Across Context Lengths ("Needle In A HayStack")')
     print(table, flush=True)
     return rows
 
@@ -229,7 +233,8 @@ def run_longqa(
     table = pivot_table(rows, "score", row_key="task", col_key="method", col_format=str)
     settings = {"model": _model_name(model), "max_length": length, "limit": limit, "tasks": list(records),
                 "methods": [s.label for s in specs]}
-    write_report(output, "longqa", rows, samples, table, settings)
+    if is_main_process():
+        write_report(output, "longqa", rows, samples, table, settings)
     print(table, flush=True)
     return rows
 
@@ -286,7 +291,8 @@ def eval_ppl(
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
         dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
-        device: cpu, cuda or cuda:N; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         progress: show progress bars.
     """
     run_ppl(model, methods, lengths, data, output, windows, stride, slice_size, pretraining_length, dtype, device,
@@ -324,7 +330,8 @@ def eval_passkey(
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
         dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
-        device: cpu, cuda or cuda:N; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         progress: show progress bars.
     """
     run_passkey(model, methods, lengths, output, depths, trials, greedy, pretraining_length, dtype, device, progress)
@@ -361,7 +368,8 @@ def eval_needle(
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
         dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
-        device: cpu, cuda or cuda:N; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         progress: show progress bars.
     """
     run_needle(model, methods, lengths, data, output, depths, max_new_tokens, chat, pretraining_length, dtype,
@@ -402,7 +410,8 @@ def eval_longqa(
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (bundled).
         pretraining_length: the model's original window; default: from its config.
         dtype: bfloat16, float16 or float32; default: bfloat16 on CUDA, float32 on CPU.
-        device: cpu, cuda or cuda:N; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         progress: show progress bars.
     """
     run_longqa(model, methods, tasks, data, output, max_length, limit, max_new_tokens, chat, pretraining_length,

@@ -45,6 +45,7 @@ def check_settings(
         ValueError: a bad method, task, length, sample count or depth count.
         FileNotFoundError: the essays are needed but not found under ``data``.
     """
+    from ..distributed import is_main_process
     from . import ruler_tasks as rt
     from .commands import parse_lengths
     from .methods import parse_methods
@@ -138,9 +139,10 @@ def run_ruler(
         "score": "string_match_all as a fraction in [0, 1] (RULER reports x100)",
         "wonderwords": rt.word_list_version(),
     }
-    write_report(output, "ruler", rows, samples, table, run_settings)
-    plot_vs_length(averages, "score", Path(output) / "ruler_vs_length.png", "RULER-style tasks (average)",
-                   "score (fraction)")
+    if is_main_process():  # under torchrun every rank computed the same rows; one writes them
+        write_report(output, "ruler", rows, samples, table, run_settings)
+        plot_vs_length(averages, "score", Path(output) / "ruler_vs_length.png", "RULER-style tasks (average)",
+                       "score (fraction)")
     print(table, flush=True)
     return rows
 
@@ -187,7 +189,8 @@ def eval_ruler(
         max_new_tokens: cap on generated tokens per answer; default: RULER's (128 NIAH, 30 vt, 120 cwe, 50 fwe).
         pretraining_length: the model's original window; default: from its config.
         dtype: bfloat16, float16 or float32; default: bf16 on CUDA, fp32 on CPU.
-        device: cpu or cuda; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         progress: show progress bars.
     """
     run_ruler(model, methods, tasks, lengths, output, samples, depths, data, seed, chat, prefill_chunk,

@@ -70,7 +70,8 @@ def chat(
             word is"; small models answer far more reliably when the first words are given.
         json: with --question: print one JSON object (answers, token counts, timings) instead of text.
         prefill_chunk: tokens per forward pass while reading (bounds memory).
-        device: cpu or cuda; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available.
         kv_dtype: KV cache storage: auto (the model's dtype) or fp8 (e4m3 with one scale per token
             and head: about half the memory, a small accuracy cost; see the README).
     """
@@ -111,8 +112,8 @@ def _check_arguments(
                              ("prefill-chunk", prefill_chunk, 1)):
         if value is not None and value < low:
             raise UsageError(f"--{name} must be >= {low}, got {value}")
-    if device is not None and device.split(":")[0] not in ("cpu", "cuda"):
-        raise UsageError(f"--device must be cpu or cuda (or cuda:N), got {device!r}")
+    if device is not None and device != "auto" and device.split(":")[0] not in ("cpu", "cuda"):
+        raise UsageError(f"--device must be cpu, cuda, cuda:N or auto, got {device!r}")
     if json and not question:
         raise UsageError("--json needs at least one --question (the interactive chat prints text)")
     if question is not None and any(not q.strip() for q in question):

@@ -368,7 +368,8 @@ def serve(
         api_key: when set, clients must send 'Authorization: Bearer KEY' (else HTTP 401).
         prefill_chunk: prompt tokens per prefill step (bounds memory; running streams keep going between steps).
         prefix_cache_gb: memory for the KV of recent prompts, reused when a prompt shares their prefix (0: off).
-        device: cpu or cuda; default: cuda when available.
+        device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
+            when available.
         model_name: the model id clients pass; default: the model's name or directory name.
         threads: CPU threads for torch (default: torch's choice); 1 helps on a small, busy CPU.
         kv_dtype: KV cache storage (batch and prefix cache): auto (the model's dtype) or fp8 (e4m3

@@ -73,7 +73,8 @@ def finetune(
     dtype = torch.bfloat16 if target.type == "cuda" and lora else torch.float32
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under accelerate launch / torchrun
     # Distributed: every process loads on the CPU; its Trainer moves (FSDP: shards) the model to its GPU.
-    net, tokenizer = load_model(model, dtype=dtype, device="cpu" if distributed else target)
+    net, tokenizer = load_model(model, dtype=dtype, device="cpu" if distributed else target,
+                                tensor_parallel=False)  # data parallel: every process holds the whole model
     dca = get_dca_config(apply_dca(net, pretraining_length, chunk_size, local_window, backend="reference"))
     assert dca is not None
     examples, dropped = tokenize_chats(chats, tokenizer, max_length)
