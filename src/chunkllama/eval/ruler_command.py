@@ -45,7 +45,6 @@ def check_settings(
         ValueError: a bad method, task, length, sample count or depth count.
         FileNotFoundError: the essays are needed but not found under ``data``.
     """
-    from ..distributed import is_main_process
     from . import ruler_tasks as rt
     from .commands import parse_lengths
     from .methods import parse_methods
@@ -103,6 +102,7 @@ def run_ruler(
     ``table.md`` (scores per task and length for each method, then the averages) and
     ``ruler_vs_length.png`` (the average against length).
     """
+    from ..distributed import is_main_process
     from . import ruler_tasks as rt
     from .report import pivot_table, plot_vs_length, write_report
     from .ruler import evaluate_ruler
