@@ -56,7 +56,10 @@ def from_pretrained_kwargs() -> dict[str, Any]:
 
 
 def shard_device_type() -> str:
-    """Where transformers puts this rank's shard: ``"cuda"`` (``cuda:LOCAL_RANK``) when CUDA is there, else ``"cpu"``."""
+    """Where transformers puts this rank's shard: ``"cuda"`` (``cuda:LOCAL_RANK``) when CUDA is there, else ``"cpu"``.
+
+    (transformers asks for the current accelerator; on the machines we target that is CUDA or none.)
+    """
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
