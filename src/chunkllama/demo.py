@@ -57,7 +57,7 @@ def demo(
     from .eval import passkey as pk
     from .models import load_model
 
-    lm, tokenizer = load_model(model, dtype=dtype or _default_dtype(device), device=device)
+    lm, tokenizer = load_model(model, dtype=dtype or _default_dtype(device), device=device, dca=False)
     print(f"loaded {getattr(lm.config, '_name_or_path', '') or type(lm).__name__} "
           f"({str(lm.dtype).removeprefix('torch.')}, {next(lm.parameters()).device}) in "
           f"{time.perf_counter() - start:.1f}s; torch threads: {torch.get_num_threads()}", flush=True)

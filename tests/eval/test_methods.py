@@ -53,3 +53,20 @@ def test_dca_method_recorded_and_removed(tiny_model):
         assert not torch.allclose(out, before)
     assert get_dca_config(tiny_model) is None
     assert torch.equal(tiny_model(ids).logits, before)
+
+
+def test_dca_method_uses_settings_the_config_records(tiny_model):
+    """A fine-tuned model's recorded DCA settings are what ``dca`` evaluates with, unless a length is given."""
+    from chunkllama import DCAConfig
+
+    recorded = DCAConfig(48, chunk_size=40, local_window=10)
+    recorded.write_to_model_config(tiny_model.config)
+    try:
+        with method_applied(tiny_model, "dca", 256) as record:
+            assert record["dca"]["chunk_size"] == 40 and record["pretraining_length"] == 48
+        with method_applied(tiny_model, "dca", 256, pretraining_length=64) as record:
+            assert record["dca"]["chunk_size"] == 48 and record["dca"]["local_window"] == 8
+        with method_applied(tiny_model, "dca:chunk_size=30", 256) as record:
+            assert record["dca"]["chunk_size"] == 30 and record["dca"]["pretraining_length"] == 64
+    finally:
+        del tiny_model.config.dual_chunk_attention_config

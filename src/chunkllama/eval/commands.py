@@ -63,7 +63,7 @@ def _load(model: Any, dtype: str | None, device: str | None) -> tuple[Any, Any]:
     if notice:
         print(notice, flush=True)
     t0 = time.perf_counter()
-    loaded = load_model(model, dtype=dtype, device=device)
+    loaded = load_model(model, dtype=dtype, device=device, dca=False)  # each method applies itself
     print(f"loaded {model or 'default model (SmolLM2-135M-Instruct)'} in {time.perf_counter() - t0:.1f}s", flush=True)
     return loaded
 

@@ -9,6 +9,8 @@
   method is then plain RoPE, and the record says so).
 - ``dca``: :func:`chunkllama.apply_dca` with its options (``chunk_size``, ``local_window``,
   ``backend``, ``kv_cache_dtype``: ``dca:kv_cache_dtype=fp8`` evaluates with the FP8 KV cache).
+  Without any length given, a model whose config records ``dual_chunk_attention_config`` (saved
+  by ``chunkllama finetune``) is evaluated with those settings.
 
 Every application returns a record of the configuration *as read back from the model*
 (``rope_parameters`` of its config, the rotary module's class and attention scaling, the DCA
@@ -26,6 +28,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
+from ..config import DCAConfig
 from ..patching import apply_dca, get_dca_config, get_kv_cache_dtype, remove_dca
 from .method_specs import METHOD_NAMES, MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
 
@@ -144,9 +147,15 @@ def apply_method(
             )
             applied._saved_rope, applied._saved_rotary = _rebuild_rotary(model, rope)
     elif spec.name == "dca":
+        # a model whose config records DCA settings (fine-tuned with them) is evaluated with them
+        # unless the caller or the method spec gives any length
+        lengths = ("pretraining_length", "chunk_size", "local_window")
+        explicit = pretraining_length or any(spec.option(k) for k in lengths)
+        recorded = None if explicit else DCAConfig.from_model_config(_text_config(model))
+        window = recorded.pretraining_length if recorded is not None else window
         apply_dca(
             model,
-            window,
+            recorded or window,
             chunk_size=spec.option("chunk_size"),
             local_window=spec.option("local_window"),
             backend=spec.option("backend", "auto"),

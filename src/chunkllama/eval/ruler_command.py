@@ -115,7 +115,7 @@ def run_ruler(
         from ..models import load_model
 
         t0 = time.perf_counter()
-        lm, tokenizer = load_model(model, dtype=dtype, device=device)
+        lm, tokenizer = load_model(model, dtype=dtype, device=device, dca=False)  # each method applies itself
         name = model or "SmolLM2-135M-Instruct (default)"
         print(f"loaded {name} in {time.perf_counter() - t0:.1f}s", flush=True)
     rows, samples = evaluate_ruler(

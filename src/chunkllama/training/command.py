@@ -25,14 +25,18 @@ def finetune(
     gradient_checkpointing: bool = True,
     device: str | None = None,
     seed: int = 0,
+    threads: int | None = None,
 ) -> int:
     """Fine-tune a model on long chats with Dual Chunk Attention on (LoRA or all weights).
 
     Reads a JSONL file of chats (OpenAI "messages" or ShareGPT "conversations" rows), trains with
     the loss on assistant turns only, and saves the adapter (or the model) with the tokenizer, its
     DCA settings (dual_chunk_attention_config) and training_log.json into --output. Runs in fp32
-    on CPU and in bf16 autocast on CUDA; for several GPUs run it under `accelerate launch
-    --config_file configs/accelerate_fsdp.yaml -m chunkllama.cli finetune ...`.
+    on CPU (PyTorch attention) and in bf16 autocast on CUDA (the fused Triton kernels, forward and
+    backward); for several GPUs run it under `accelerate launch --config_file
+    configs/accelerate_fsdp.yaml -m chunkllama.cli finetune ...`. `chunkllama chat --model OUTPUT`,
+    `chunkllama serve --model OUTPUT` and chunkllama.load_model(OUTPUT) load the result with DCA
+    on as trained.
 
     Args:
         data: JSONL training file.
@@ -42,7 +46,7 @@ def finetune(
             dual_chunk_attention_config, else max_position_embeddings.
         chunk_size: DCA chunk size; default 3/4 of the pretraining length.
         local_window: DCA local window; default 1/8 of the pretraining length.
-        lora: train LoRA adapters on the attention projections (--no-lora: all weights).
+        lora: train LoRA adapters on every linear layer but the output head (--no-lora: all weights).
         lora_rank: LoRA rank.
         lora_alpha: LoRA alpha.
         steps: optimizer steps.
@@ -53,8 +57,15 @@ def finetune(
         gradient_checkpointing: recompute activations in the backward to save memory.
         device: cpu or cuda; default: cuda when available.
         seed: random seed.
+        threads: CPU threads for torch (default: torch's choice). On a CPU shared with other jobs
+            use 1: threads that wait for a busy core make each step many times slower.
     """
     import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"--threads must be at least 1; got {threads}.")
+        torch.set_num_threads(threads)
 
     from ..models import load_model
     from ..patching import apply_dca, get_dca_config
@@ -73,9 +84,9 @@ def finetune(
     dtype = torch.bfloat16 if target.type == "cuda" and lora else torch.float32
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under accelerate launch / torchrun
     # Distributed: every process loads on the CPU; its Trainer moves (FSDP: shards) the model to its GPU.
-    net, tokenizer = load_model(model, dtype=dtype, device="cpu" if distributed else target,
+    net, tokenizer = load_model(model, dtype=dtype, device="cpu" if distributed else target, dca=False,
                                 tensor_parallel=False)  # data parallel: every process holds the whole model
-    dca = get_dca_config(apply_dca(net, pretraining_length, chunk_size, local_window, backend="reference"))
+    dca = get_dca_config(apply_dca(net, pretraining_length, chunk_size, local_window))
     assert dca is not None
     examples, dropped = tokenize_chats(chats, tokenizer, max_length)
     if not examples:
@@ -84,7 +95,8 @@ def finetune(
     print(
         f"{len(examples)} chats ({dropped} skipped as longer than {max_length} tokens), tokens per chat "
         f"min {min(lengths)} / median {int(statistics.median(lengths))} / max {max(lengths)}; DCA {dca.to_dict()} "
-        f"(chunk_len {dca.chunk_len}); {'LoRA r=%d' % lora_rank if lora else 'full fine-tuning'} on {target}, {dtype}",
+        f"(chunk_len {dca.chunk_len}); {'LoRA r=%d' % lora_rank if lora else 'full fine-tuning'} on {target}, {dtype}"
+        f"{', %d CPU threads' % torch.get_num_threads() if target.type == 'cpu' else ''}",
         flush=True,
     )
     log = train_sft(net, tokenizer, examples, output, dca, settings, use_cpu=target.type == "cpu")

@@ -1,13 +1,16 @@
 """Supervised fine-tuning on long chats with DCA on, through ``transformers.Trainer`` (+ ``peft`` LoRA).
 
-The model is patched with :func:`chunkllama.apply_dca` on the **reference** backend (its backward
-is exact; the Triton kernels have no backward yet), so chats longer than the pretraining window
-train with the same attention the model later runs with. Loss is on assistant tokens only
+The model is patched with :func:`chunkllama.apply_dca` on the ``"auto"`` backend: on CUDA in
+bf16/fp16 (head_dim 64/128) the fused Triton kernels with their backward
+(:mod:`chunkllama.attention.triton_prefill_backward`), elsewhere (fp32 on the CPU) the PyTorch
+reference path, whose backward is exact too. So chats longer than the pretraining window train
+with the same attention the model later runs with. Loss is on assistant tokens only
 (:func:`chunkllama.training.data.tokenize_chat`); batches are left-padded, as DCA expects.
 
 The saved directory records the DCA settings as ``dual_chunk_attention_config`` in
 ``config.json`` (full fine-tuning) or ``adapter_config.json`` (LoRA); :func:`load_finetuned`
-reads them back and switches DCA on.
+(and :func:`chunkllama.load_model`, hence ``chunkllama chat`` / ``serve``) reads them back and
+switches DCA on.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ class SFTSettings:
         learning_rate: peak learning rate (linear decay to 0 after ``warmup_steps``).
         batch_size: chats per device per micro-batch.
         grad_accum: micro-batches per optimizer step.
-        lora: True → LoRA adapters on the attention projections; False → all weights.
+        lora: True → LoRA adapters on every linear layer but the output head; False → all weights.
         lora_rank / lora_alpha / lora_dropout: LoRA shape.
         gradient_checkpointing: recompute each layer's activations in the backward.
         warmup_steps: linear warm-up steps.
@@ -180,6 +183,7 @@ def train_sft(
     dca: DCAConfig,
     settings: SFTSettings = SFTSettings(),
     use_cpu: bool | None = None,
+    backend: str = "auto",
 ) -> dict[str, Any]:
     """Fine-tune ``model`` on tokenized chats with DCA on, save it, and return the training log.
 
@@ -194,6 +198,8 @@ def train_sft(
         use_cpu: train on the CPU (fp32); default: when the model's weights are on the CPU. Under
             ``accelerate launch`` pass False with the model on the CPU: each process's Trainer
             moves (or FSDP shards) it onto its own GPU.
+        backend: DCA backend; ``"auto"``: Triton (forward and fused backward) for bf16/fp16 on
+            CUDA, the reference path otherwise.
     Returns:
         The log: ``{"loss": [...], "logged_steps": [...], "seconds_per_step": [...], ...}``, also
         written to ``output_dir/training_log.json``.
@@ -203,7 +209,7 @@ def train_sft(
     if not examples:
         raise ValueError("no training examples (all chats were dropped or the file is empty).")
     output = Path(output_dir)
-    apply_dca(model, dca, backend="reference")
+    apply_dca(model, dca, backend=backend)
     model.train()
     if settings.lora:
         peft = require_peft()
@@ -244,7 +250,7 @@ def train_sft(
     trained.eval()
     remove_dca(model)  # save the model's own config (DCA switches off sliding windows while on)
     trainer.save_model(str(output))
-    apply_dca(model, dca, backend="reference")
+    apply_dca(model, dca, backend=backend)
     log = {
         "logged_steps": [e["step"] for e in trainer.state.log_history if "loss" in e],
         "loss": [e["loss"] for e in trainer.state.log_history if "loss" in e],
@@ -269,7 +275,8 @@ def load_finetuned(
     merge: bool = True,
     backend: str = "auto",
 ) -> tuple[Any, Any]:
-    """Load what :func:`train_sft` saved, with DCA on as recorded.
+    """Load what :func:`train_sft` saved, with DCA on as recorded (with ``merge=True``, the same as
+    :func:`chunkllama.load_model`).
 
     Args:
         path: a LoRA adapter directory (``adapter_config.json``; its base model is loaded from
@@ -286,24 +293,20 @@ def load_finetuned(
 
     directory = Path(path)
     adapter = directory / ADAPTER_CONFIG
-    if adapter.is_file():
-        data = json.loads(adapter.read_text())
-        base, _ = load_model(data["base_model_name_or_path"], dtype=dtype, device=device)
-        peft = require_peft()
-        with warnings.catch_warnings():  # peft warns about the one key it does not know: ours
-            warnings.filterwarnings("ignore", message=f".*{HF_CONFIG_KEY}.*")
-            model = peft.PeftModel.from_pretrained(base, str(directory))
-        model = model.merge_and_unload() if merge else model
-        from transformers import AutoTokenizer
+    if merge or not adapter.is_file():  # load_model merges adapters and switches the recorded DCA on
+        return load_model(str(directory), dtype=dtype, device=device, backend=backend)
+    data = json.loads(adapter.read_text())
+    base, _ = load_model(data["base_model_name_or_path"], dtype=dtype, device=device, dca=False, tensor_parallel=False)
+    peft = require_peft()
+    with warnings.catch_warnings():  # peft warns about the one key it does not know: ours
+        warnings.filterwarnings("ignore", message=f".*{HF_CONFIG_KEY}.*")
+        model = peft.PeftModel.from_pretrained(base, str(directory))
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-        dca_data = data.get(HF_CONFIG_KEY)
-        dca = DCAConfig.from_hf_dict(dca_data) if dca_data else None
-    else:
-        model, tokenizer = load_model(str(directory), dtype=dtype, device=device)
-        dca = DCAConfig.from_model_config(model.config)
-    if dca is not None:
-        apply_dca(model.get_base_model() if hasattr(model, "get_base_model") else model, dca, backend=backend)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    dca_data = data.get(HF_CONFIG_KEY)
+    if dca_data:
+        apply_dca(model.get_base_model(), DCAConfig.from_hf_dict(dca_data), backend=backend)
     model.eval()
     return model, tokenizer
 
