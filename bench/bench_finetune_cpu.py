@@ -1,7 +1,8 @@
 """LoRA fine-tuning of the default model with DCA on, end to end: data → finetune → reload → generate.
 
     python bench/bench_finetune_cpu.py --length 12000 --steps 30                   # the issue's run
-    python bench/bench_finetune_cpu.py --length 600 --pretraining-length 256 --steps 40 --threads 1   # ~8 min, 2-core CPU
+    python bench/bench_finetune_cpu.py --length 600 --chats 48 --heldout 8 --steps 40 --pretraining-length 256 \
+        --learning-rate 0.001 --threads 1   # ~10 min on the shared 2-core CPU (bench/results/finetune_cpu.md)
 
 Builds retrieval chats from ../shared/data/pg19 (:mod:`chunkllama.training.longchat`), runs the
 ``finetune`` command on them (LoRA, DCA on), reloads the adapter with
@@ -102,23 +103,35 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    losses = log["loss"]
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    print(text)
+
+
+def markdown(result: dict) -> str:
+    """The ``.md`` report of a result (also: ``python -c "...markdown(json.load(...))"`` to redo it)."""
+    losses, answers, untrained = result["loss"], result["heldout_answers"], result["heldout_answers_untrained"]
+
+    def cell(text: str) -> str:
+        return " ".join(text.replace("|", "\\|").split())
+
     md = [
-        f"# LoRA fine-tuning with DCA on the CPU: SmolLM2-135M-Instruct\n",
-        f"`{result['command']}` — {result['machine']}, torch {torch.__version__}, transformers {transformers.__version__}\n",
+        "# LoRA fine-tuning with DCA on the CPU: SmolLM2-135M-Instruct\n",
+        f"`{result['command']}` — {result['machine']}, torch {result['versions']['torch']}, "
+        f"transformers {result['versions']['transformers']}\n",
         f"- DCA {result['dca']} (reloaded: {result['reloaded_dca']})",
         f"- {result['steps']} steps on chats of median {result['tokens_per_chat_median']} tokens, "
-        f"median {result['seconds_per_step_median']:.1f} s/step, {train_s:.0f} s in all",
+        f"median {result['seconds_per_step_median']:.1f} s/step, {result['train_wall_s']:.0f} s in all",
         f"- loss: first {losses[0]:.3f}, last {losses[-1]:.3f}; mean of first 5 {statistics.mean(losses[:5]):.3f}, "
         f"last 5 {statistics.mean(losses[-5:]):.3f}",
-        f"- held-out answers correct (code found in the answer): after fine-tuning {sum(a['correct'] for a in answers)}/{len(answers)}, "
-        f"untrained model with the same DCA settings {sum(a['correct'] for a in untrained)}/{len(untrained)}\n",
-        "| step | loss |", "|---|---|", *[f"| {i + 1} | {l:.4f} |" for i, l in enumerate(losses)],
+        f"- held-out answers correct (code found in the answer): after fine-tuning "
+        f"{sum(a['correct'] for a in answers)}/{len(answers)}, untrained model with the same DCA settings "
+        f"{sum(a['correct'] for a in untrained)}/{len(untrained)}\n",
+        "| step | loss |", "|---|---|", *[f"| {i + 1} | {loss:.4f} |" for i, loss in enumerate(losses)],
         "", "| depth | expected | fine-tuned | untrained |", "|---|---|---|---|",
-        *[f"| {a['depth']} | {a['expected']} | {a['got']} | {u['got']} |" for a, u in zip(answers, untrained)],
+        *[f"| {a['depth']} | {a['expected']} | {cell(a['got'])} | {cell(u['got'])} |" for a, u in zip(answers, untrained)],
     ]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    return "\n".join(md) + "\n"
 
 
 def answer(model, tokenizer, chats) -> list[dict]:
