@@ -167,28 +167,41 @@ def _require_default_model() -> None:
         pytest.skip(str(exc))
 
 
+def _run_demo(*args: str, timeout: float) -> str:
+    """``chunkllama demo ARGS`` as a user runs it: a fresh interpreter with torch's default threads
+    (this suite pins itself to one thread, which would double the demo's time); returns stdout."""
+    result = run_cli("demo", *args, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)  # per-phase times, shown with pytest -s
+    return result.stdout
+
+
 @pytest.mark.slow
-def test_demo_default_model_short(capsys):
-    """The real model through the whole demo at 4k tokens with a pretend 2k window (DCA over 4 chunks).
+def test_demo_default_model_short():
+    """The real model through the whole demo at 4k tokens with DCA set up for a pretend 2k window
+    (DCA over 4 chunks, the first shared with plain RoPE, the rest one forward each).
 
     Inside SmolLM2's real 8k window plain RoPE reads the key too; the 16k test below shows it fail.
     """
     _require_default_model()
-    assert cli.main(["demo", "--length", "4k", "--pretraining-length", "2048"]) == 0
-    out = capsys.readouterr().out
-    assert "prompt: 4096 tokens (2.00x the 2048-token window)" in out
+    out = _run_demo("--length", "4k", "--pretraining-length", "2048", timeout=600)
+    assert "DCAConfig(pretraining_length=2048, chunk_size=1536, local_window=256) (chunk_len 1280)" in out
+    assert "prompt: 4096 tokens (0.50x the model's 8192-token window)" in out
+    assert "DCA (first 1280 shared)" in out
     assert "plain RoPE: 1/1, DCA: 1/1" in out
 
 
 @pytest.mark.slow
 @pytest.mark.full_demo
-def test_demo_default_model_at_16k(capsys):
-    """The headline: at 2x SmolLM2's window plain RoPE misses the key and DCA finds it (minutes;
-    deselected by default, run with -m full_demo)."""
+def test_demo_default_model_at_16k():
+    """The headline: at 2x SmolLM2's window plain RoPE misses the key and DCA finds it (about a
+    minute on 2 idle cores; deselected by default, run with -m full_demo)."""
     _require_default_model()
-    assert cli.main(["demo"]) == 0
-    out = capsys.readouterr().out
-    assert "prompt: 16384 tokens (2.00x the 8192-token window)" in out
+    out = _run_demo(timeout=1200)
+    assert "prompt: 16384 tokens (2.00x the model's 8192-token window)" in out
+    assert "DCAConfig(pretraining_length=4096, chunk_size=3072, local_window=512) (chunk_len 2560)" in out
+    assert re.search(r"plain RoPE \| answer .* \| wrong \|", out), out
+    assert re.search(r"DCA \| answer ' \d{5}.* \| CORRECT \|", out), out
     assert "plain RoPE: 0/1, DCA: 1/1" in out
 
 
