@@ -36,9 +36,10 @@ def demo(
 
     Hides a 5-digit pass key in a haystack prompt of exactly --length tokens, then asks the same
     model instance twice: with its plain RoPE, and with DCA applied. Both decode greedily; the
-    answers, whether they are right, and the time of each phase are printed. The prompt's first
-    chunk (identical under both methods) is computed once. The first run converts the bundled GGUF
-    model once and caches it (a line says when and where).
+    answers, whether they are right, and the time of each phase are printed. Plain RoPE runs the
+    whole prompt in one causal pass; DCA continues from the first DCA chunk of that pass (identical
+    under both methods, so computed once), one DCA chunk per forward. The first run converts the
+    bundled GGUF model once and caches it (a line says when and where).
 
     Args:
         model: hub id, model directory or .gguf file; default: SmolLM2-135M-Instruct from the
@@ -109,7 +110,11 @@ def demo(
             tick = time.perf_counter()
             with _phase_bar(label, todo + n_new - 1) as bar, _progress(layers, bar):
                 try:
-                    hidden, cache = pk.prefill(lm, prompt.input_ids, cache=cache)
+                    # DCA: one chunk per forward (each is then exactly one DCA chunk; activations
+                    # stay in cache: 5-15% less CPU time than one pass); plain RoPE: one causal pass
+                    # (pieces would need masked attention, ~45% slower on the CPU).
+                    step = dca_config.chunk_len if method == "DCA" else None
+                    hidden, cache = pk.prefill(lm, prompt.input_ids, cache=cache, chunk=step)
                     new = _greedy(lm, hidden, cache, n_new)
                 finally:
                     remove_dca(lm)  # the caller's model leaves the demo as it came in
