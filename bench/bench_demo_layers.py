@@ -4,8 +4,9 @@ On a shared machine wall time says little and multi-threaded CPU time is inflate
 spinning while their partner waits for a core. One thread's CPU time is what the work costs; on
 an idle machine with T cores the phase takes about that divided by T (less than perfectly).
 
-Runs the demo's two phases (plain RoPE over the whole prompt; DCA continuing from the shared
-prefix) on the first ``--layers`` decoder layers of the default model (each layer costs the
+Runs the demo's two phases (plain RoPE over the whole prompt in one pass; DCA continuing from the
+shared first chunk, one DCA chunk per forward, set up as the demo sets it up for the default
+model) on the first ``--layers`` decoder layers of the default model (each layer costs the
 same), and scales to the full depth. ``python bench/bench_demo_layers.py [--layers 2] [--dtype bfloat16]``
 """
 
@@ -27,13 +28,13 @@ def main() -> None:
 
     torch.set_num_threads(1)
     from chunkllama import apply_dca, get_dca_config, load_model, remove_dca
-    from chunkllama.demo import _keep_first
+    from chunkllama.demo import DEFAULT_MODEL_DCA_WINDOW, _keep_first
     from chunkllama.eval import passkey as pk
 
     model, tokenizer = load_model(dtype=args.dtype, device="cpu")
     depth = len(model.model.layers)
     model.model.layers = model.model.layers[: args.layers]
-    apply_dca(model)
+    apply_dca(model, DEFAULT_MODEL_DCA_WINDOW)
     config = get_dca_config(model)
     remove_dca(model)
     prompt = pk.make_passkey_prompt(tokenizer, args.length, exact=True)
@@ -46,7 +47,7 @@ def main() -> None:
     _keep_first(cache, shared)
     apply_dca(model, config)
     tick, wall_tick = time.process_time(), time.perf_counter()
-    pk.prefill(model, prompt.input_ids, cache=cache)
+    pk.prefill(model, prompt.input_ids, cache=cache, chunk=config.chunk_len)
     cpu["dca"], wall["dca"] = time.process_time() - tick, time.perf_counter() - wall_tick
     remove_dca(model)
     scale = depth / args.layers
