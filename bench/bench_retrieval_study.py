@@ -211,7 +211,8 @@ def write_markdown(rows: Sequence[dict], path: Path, header: list[str], base: in
         r = next((r for r in rows if r["bench"] == "quality" and r["method"] == m and r["L"] == n), None)
         if r is None or r.get("passkey") is None:
             return "–"
-        return f"{r['passkey']:.2f} ({r.get('passkey_correct')}/{r.get('passkey_n')})"
+        counts = f" ({r['passkey_correct']}/{r['passkey_n']})" if r.get("passkey_n") else ""
+        return f"{r['passkey']:.2f}{counts}"
 
     def ruler(m: str, n: int) -> str:
         r = next((r for r in rows if r["bench"] == "ruler" and r["task"] == "average" and r["method"] == m
