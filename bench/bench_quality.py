@@ -20,9 +20,7 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +38,9 @@ from chunkllama.eval.methods import method_applied, parse_methods  # noqa: E402
 from chunkllama.eval.perplexity import perplexity, tokenize_corpus  # noqa: E402
 from chunkllama.eval.report import environment  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_info import git_commit, slug  # noqa: E402
+
 # ../shared/DEVICE.md, H100 bf16: (ppl, passkey correct of 5) per method and length in k.
 REFERENCE = {
     "none": {4: (21.79, 5), 8: (23.28, 4), 16: (54.25, 0), 32: (408, 0), 64: (1677, 0)},
@@ -47,14 +48,6 @@ REFERENCE = {
     "ntk": {4: (21.79, 5), 8: (23.28, 4), 16: (24.03, 4), 32: (36.75, 5), 64: (88.5, 1)},
     "dca": {4: (21.78, 5), 8: (23.27, 5), 16: (22.69, 5), 32: (22.39, 1), 64: (23.33, 0)},
 }
-
-
-def _git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
 
 
 def _versions() -> dict:
@@ -65,12 +58,8 @@ def _versions() -> dict:
         env["triton"] = triton.__version__
     except Exception:
         env["triton"] = None
-    env["commit"] = _git_commit()
+    env["commit"] = git_commit()
     return env
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[quality] {spec.label:>6} L={length:>6}: ppl {ppl} passkey {pkr}{diff} "
                   f"[{row['seconds']:.1f}s]{' ' + row['error'] if 'error' in row else ''}", flush=True)
 
-    tag = args.tag or _slug(versions["device"].split(" (")[0])
+    tag = args.tag or slug(versions["device"].split(" (")[0])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"quality_{tag}.json"

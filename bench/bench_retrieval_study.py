@@ -46,9 +46,7 @@ import argparse
 import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +57,9 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from chunkllama.eval.commands import parse_lengths  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_info import git_commit, slug  # noqa: E402
 
 DEFAULT_METHODS = "dca,dca:pretraining_length=4096,dca:pretraining_length=6144,dca:pretraining_length=2048,ntk,yarn"
 BASELINES = ("dca", "yarn", "ntk")
@@ -260,19 +261,6 @@ def write_markdown(rows: Sequence[dict], path: Path, header: list[str], base: in
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-# ---------------------------------------------------------------------------------------------- run
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
-
-
 def quality_rows(model: Any, tokenizer: Any, specs: list, lengths: list[int], tokens: Any, ppl_windows: int,
                  passkey_trials: int, passkey_depths: int) -> list[dict]:
     """One quality row per (method, length) from the library's perplexity and passkey evaluations."""
@@ -358,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python3 bench/bench_retrieval_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
     t_start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, dca=False)
-    env = {**environment(), "commit": _commit(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    tag = args.tag or _slug(env["device"].split(" (")[0])
+    env = {**environment(), "commit": git_commit(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    tag = args.tag or slug(env["device"].split(" (")[0])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -371,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         from chunkllama.eval.ruler_command import run_ruler
 
         run_id = hashlib.sha1(f"{args.methods}|{args.ruler_tasks}|{args.lengths}".encode()).hexdigest()[:8]
-        ruler_out = out / f"retrieval_study_{tag}_ruler" / f"{_slug(args.lengths)}-{run_id}"
+        ruler_out = out / f"retrieval_study_{tag}_ruler" / f"{slug(args.lengths)}-{run_id}"
         t0 = time.perf_counter()
         ruler = run_ruler((model, tokenizer), args.methods, args.ruler_tasks, lengths, str(ruler_out),
                           args.ruler_samples, args.ruler_depths, args.data, args.seed, None, None,

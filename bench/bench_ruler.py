@@ -26,9 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,17 +38,8 @@ if str(ROOT / "src") not in sys.path:
 from chunkllama.eval.commands import parse_lengths  # noqa: E402
 from chunkllama.eval.report import environment, pivot_table, plot_vs_length  # noqa: E402
 
-
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except Exception:
-        return None
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_info import git_commit, slug  # noqa: E402
 
 
 def merge_rows(old: list[dict], new: list[dict], key: tuple[str, ...] = ("method", "task", "L")) -> list[dict]:
@@ -133,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     print(f"[ruler] model loaded in {time.perf_counter() - t0:.1f}s", flush=True)
-    env = {**environment(), "commit": _commit(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
-    tag = args.tag or _slug(env["device"].split(" (")[0])
+    env = {**environment(), "commit": git_commit(), "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")}
+    tag = args.tag or slug(env["device"].split(" (")[0])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     outputs: list[Path] = []
