@@ -105,10 +105,26 @@ def _oracle(q, k, v, qpos, kpos, rope, config, scale):
     return out.double()
 
 
+def _variant_errors(inputs: tuple, kernel, env: str, names: tuple[str, str]) -> dict:
+    """Errors against the fp64 oracle of the reference path, the output-rounding floor, and ``kernel`` run
+    with ``env`` set to "0" (``names[0]``) and "1" (``names[1]``)."""
+    from chunkllama.attention.reference import reference_dca_attention
+
+    q, k, v, qpos, kpos, rope, config = inputs
+    scale = q.shape[-1] ** -0.5
+    oracle = _oracle(q, k, v, qpos, kpos, rope, config, scale)
+    args = (q, k, v, qpos, kpos, rope.inv_freq, 1.0, config.chunk_len, config.chunk_size, scale)
+    row = {"reference": _errors(reference_dca_attention(q, k, v, qpos, kpos, rope, config, scale), oracle),
+           "floor": _errors(oracle.to(torch.bfloat16), oracle)}
+    for name, flag in zip(names, ("0", "1")):
+        with _env(env, flag):
+            row[name] = _errors(kernel(*args), oracle)
+    return row
+
+
 def prefill_errors(case, device) -> list[dict]:
     """Per seed: errors of the reference path, the prefill kernel with one query tile and with the split,
     and the floor."""
-    from chunkllama.attention.reference import reference_dca_attention
     from chunkllama.attention.triton_prefill import dca_prefill
 
     _, batch, q_heads, kv_heads, length, head_dim, pretraining, seeds = case
@@ -116,16 +132,9 @@ def prefill_errors(case, device) -> list[dict]:
     for seed in seeds:
         q, k, v, qpos, kpos, rope, config = sink_inputs(batch, q_heads, kv_heads, length, head_dim, pretraining,
                                                         seed, device)
-        scale = head_dim**-0.5
-        oracle = _oracle(q, k, v, qpos, kpos, rope, config, scale)
-        args = (q, k, v, qpos, kpos, rope.inv_freq, 1.0, config.chunk_len, config.chunk_size, scale)
-        row = {"reference": _errors(reference_dca_attention(q, k, v, qpos, kpos, rope, config, scale), oracle),
-               "floor": _errors(oracle.to(torch.bfloat16), oracle)}
-        for name, flag in (("single", "0"), ("split", "1")):
-            with _env("CHUNKLLAMA_PREFILL_QSPLIT", flag):
-                row[name] = _errors(dca_prefill(*args), oracle)
-        results.append(row)
-        del q, k, v, oracle
+        results.append(_variant_errors((q, k, v, qpos, kpos, rope, config), dca_prefill, "CHUNKLLAMA_PREFILL_QSPLIT",
+                                       ("single", "split")))
+        del q, k, v
     return results
 
 
@@ -135,7 +144,6 @@ def decode_errors(case, device) -> list[dict]:
     sys.path.insert(0, os.path.dirname(__file__))
     from test_triton import make_inputs
 
-    from chunkllama.attention.reference import reference_dca_attention
     from chunkllama.attention.triton_decode import dca_decode
 
     name, batch, q_heads, kv_heads, q_len, kv_len, head_dim, pretraining, seeds = case
@@ -145,15 +153,8 @@ def decode_errors(case, device) -> list[dict]:
         q, k, v, qpos, kpos, rope, config = make_inputs(
             (name, "decode", batch, q_heads, kv_heads, q_len, kv_len, head_dim, pretraining, pads),
             torch.bfloat16, device, seed=seed)
-        scale = head_dim**-0.5
-        oracle = _oracle(q, k, v, qpos, kpos, rope, config, scale)
-        args = (q, k, v, qpos, kpos, rope.inv_freq, 1.0, config.chunk_len, config.chunk_size, scale)
-        row = {"reference": _errors(reference_dca_attention(q, k, v, qpos, kpos, rope, config, scale), oracle),
-               "floor": _errors(oracle.to(torch.bfloat16), oracle)}
-        for name_, flag in (("p_rounded", "0"), ("p_split", "1")):
-            with _env("CHUNKLLAMA_DECODE_PSPLIT", flag):
-                row[name_] = _errors(dca_decode(*args), oracle)
-        results.append(row)
+        results.append(_variant_errors((q, k, v, qpos, kpos, rope, config), dca_decode, "CHUNKLLAMA_DECODE_PSPLIT",
+                                       ("p_rounded", "p_split")))
     return results
 
 
