@@ -66,12 +66,13 @@ def demo(
     from . import apply_dca, get_dca_config, remove_dca
     from .eval import passkey as pk
     from .models import load_model
+    from .patching import default_pretraining_length
 
     lm, tokenizer = load_model(model, dtype=dtype or _default_dtype(device), device=device, dca=False)
     print(f"loaded {getattr(lm.config, '_name_or_path', '') or type(lm).__name__} "
           f"({str(lm.dtype).removeprefix('torch.')}, {next(lm.parameters()).device}) in "
           f"{time.perf_counter() - start:.1f}s; torch threads: {torch.get_num_threads()}", flush=True)
-    window = _model_window(lm)
+    window = default_pretraining_length(lm)  # the model's own window
     if pretraining_length is None and model is None:
         pretraining_length = DEFAULT_MODEL_DCA_WINDOW
     apply_dca(lm, pretraining_length)
@@ -127,17 +128,6 @@ def demo(
     summary = ", ".join(f"{m}: {s}/{len(prompts)}" for m, s in scores.items())
     print(f"{summary} | total {time.perf_counter() - start:.1f}s", flush=True)
     return 0
-
-
-def _model_window(lm: Any) -> int:
-    """The model's own context window: DCA's default ``pretraining_length`` for it."""
-    from . import apply_dca, get_dca_config, remove_dca
-
-    apply_dca(lm)
-    config = get_dca_config(lm)
-    remove_dca(lm)
-    assert config is not None
-    return config.pretraining_length
 
 
 def _default_dtype(device: str | None) -> str:
