@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -75,6 +76,13 @@ class StepEvents:
             self.profiler.start()
         return scores
 
+    def median_step_ms(self, skip: int) -> float:
+        """Median of the per-step intervals from event ``skip`` on: robust to a few slow steps (host hiccups)."""
+        torch.cuda.synchronize()
+        steps = sorted(a.elapsed_time(b) for a, b in zip(self.events[skip:], self.events[skip + 1:]))
+        mid = len(steps) // 2
+        return steps[mid] if len(steps) % 2 else (steps[mid - 1] + steps[mid]) / 2
+
     def decode_seconds(self, skip: int) -> tuple[float, int]:
         """Seconds and steps from event ``skip`` to the last (event 0 follows the prefill)."""
         torch.cuda.synchronize()
@@ -103,7 +111,8 @@ def generate(model, ids: torch.Tensor, new_tokens: int, mode: str, profiler=None
         return {"total_s": total, "decode_tok_s": None, "tokens": out[0, ids.shape[1]:].tolist()}
     seconds, steps = timer.decode_seconds(SKIP_STEPS)
     return {"total_s": total, "decode_s": seconds, "decode_steps": steps, "decode_tok_s": steps / seconds,
-            "ms_per_token": 1000 * seconds / steps, "tokens": out[0, ids.shape[1]:].tolist()}
+            "ms_per_token": 1000 * seconds / steps, "median_step_ms": timer.median_step_ms(SKIP_STEPS),
+            "tokens": out[0, ids.shape[1]:].tolist()}
 
 
 def profile_table(profiler, steps: int, layers: int) -> list[str]:
@@ -138,6 +147,35 @@ def prefilled_cache(model, ids: torch.Tensor, patched: bool):
         if patched:
             chunkllama.remove_dca(model)
     return out.past_key_values
+
+
+def sync_count(model, ids: torch.Tensor, new_tokens: int, patched: bool) -> dict:
+    """Host-device synchronisations per ``generate`` call (``torch.cuda.set_sync_debug_mode``), and per
+    generated token: each one stalls the host until the GPU drains."""
+    import warnings
+
+    import chunkllama
+
+    if patched:
+        chunkllama.apply_dca(model)
+    try:
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            generate(model, ids, new_tokens, "eager")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        if patched:
+            chunkllama.remove_dca(model)
+    messages = [str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message).lower()]
+    where: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            where[key] = where.get(key, 0) + 1
+    return {"bench": "sync_count", "model": "DCA" if patched else "unpatched", "new_tokens": new_tokens,
+            "syncs": len(messages), "syncs_per_token": len(messages) / new_tokens,
+            "sites": dict(sorted(where.items(), key=lambda kv: -kv[1])[:8])}
 
 
 def run_one(model, ids: torch.Tensor, args, mode: str, patched: bool, device: str, cache=None) -> dict:
@@ -213,6 +251,13 @@ def measure(args) -> None:
             caches.clear()
             if device == "cuda":
                 torch.cuda.empty_cache()
+    if args.sync_check and device == "cuda":
+        ids = torch.randint(3, model.config.vocab_size, (1, args.sync_check), generator=gen).to(device)
+        for patched in (False, True):
+            row = sync_count(model, ids, args.new_tokens, patched)
+            row.update(label=args.label, prompt_tokens=args.sync_check)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.profile_length and device == "cuda":
         ids = torch.randint(3, model.config.vocab_size, (1, args.profile_length), generator=gen).to(device)
         for patched in (False, True):
@@ -256,6 +301,11 @@ def _median_tok_s(runs: list[dict]) -> float | None:
     return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
 
 
+def _median_step_ms(runs: list[dict]) -> float | None:
+    values = [r["median_step_ms"] for r in runs if r.get("median_step_ms")]
+    return statistics.median(values) if values else None
+
+
 def _round_ratios(runs: list[dict], base_runs: list[dict]) -> list[float]:
     base = {r.get("round", 0): r["decode_tok_s"] for r in base_runs if r.get("decode_tok_s")}
     return [r["decode_tok_s"] / base[r.get("round", 0)] for r in runs
@@ -277,15 +327,18 @@ def combine(args) -> None:
         "(`before` = main before this branch, `after` = this branch).",
         "",
         "Each cell is the median over rounds (one `generate` call per model per round, the two models in "
-        "alternating order within one process); the spread column gives the lowest and highest per-round ratio.",
+        "alternating order within one process); the spread column gives the lowest and highest per-round ratio. "
+        "`by median step`: unpatched / DCA of the median per-step interval (each call's median step, then the "
+        "median over rounds) — the same runs, less sensitive to a few slow steps of the host.",
         "",
         "| label | mode | prompt tokens | unpatched tok/s | DCA tok/s | DCA / unpatched | per-round ratios | "
-        "unpatched ms/token | DCA ms/token | graph breaks (DCA) | rounds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "unpatched ms/token | DCA ms/token | by median step | graph breaks (DCA) | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["label"], r["mode"], r["prompt_tokens"], r["model"]), []).append(r)
+        if r.get("bench") != "sync_count":
+            groups.setdefault((r["label"], r["mode"], r["prompt_tokens"], r["model"]), []).append(r)
     for (label, mode, length, name), runs in groups.items():
         if name != "DCA" or (label, mode, length, "unpatched") not in groups:
             continue
@@ -294,12 +347,21 @@ def combine(args) -> None:
         breaks = max(r["graph_breaks"] for r in runs)
         if dca is None or base is None:
             errors = [r.get("error") for r in runs + base_runs if r.get("error")]
-            lines.append(f"| {label} | {mode} | {length} | {base} | {dca} | — | — | — | — | {breaks} | {errors[:1]} |")
+            lines.append(f"| {label} | {mode} | {length} | {base} | {dca} | — | — | — | — | — | {breaks} | {errors[:1]} |")
             continue
         ratios = _round_ratios(runs, base_runs)
         spread = f"{min(ratios):.3f}–{max(ratios):.3f}" if len(ratios) > 1 else "—"
+        step_dca, step_base = _median_step_ms(runs), _median_step_ms(base_runs)
+        by_step = f"{step_base / step_dca:.3f}" if step_dca and step_base else "—"
         lines.append(f"| {label} | {mode} | {length} | {base:.1f} | {dca:.1f} | {dca / base:.3f} | {spread} | "
-                     f"{1000 / base:.2f} | {1000 / dca:.2f} | {breaks} | {len(runs)} |")
+                     f"{1000 / base:.2f} | {1000 / dca:.2f} | {by_step} | {breaks} | {len(runs)} |")
+    syncs = [r for r in rows if r.get("bench") == "sync_count"]
+    if syncs:
+        lines += ["", "Host-device synchronisations in one eager `generate` call (`torch.cuda.set_sync_debug_mode`):", "",
+                  "| label | model | prompt tokens | new tokens | syncs | per token | where (file:line, count) |",
+                  "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['model']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['syncs']} | "
+                  f"{r['syncs_per_token']:.2f} | {', '.join(f'{k} ({v})' for k, v in r['sites'].items())} |" for r in syncs]
     (args.out / "decode_generate.md").write_text("\n".join(lines + [""]))
     print("\n".join(lines))
 
@@ -316,6 +378,8 @@ def main() -> None:
                         help="eager mode: prefill each prompt once per model, then time every round's decode from a "
                              "copy of that cache (more rounds for the same device time; an untimed decode first)")
     parser.add_argument("--profile-length", type=int, default=0)
+    parser.add_argument("--sync-check", type=int, default=0, metavar="TOKENS",
+                        help="count host-device syncs per generated token for each model at this prompt length")
     parser.add_argument("--profile-steps", type=int, default=8)
     parser.add_argument("--combine", nargs="+", help="labels to merge into decode_generate.json/.md")
     parser.add_argument("--tiny", action="store_true", help="tiny model on the CPU: checks the script only")

@@ -4,6 +4,7 @@ Usage (GPU; random bf16 weights of a built-in shape, DCA with ``pretraining_leng
     python bench/bench_scale.py --lengths 256k 512k 1M                  # Llama-3-8B shapes, full depth
     python bench/bench_scale.py --lengths 1M --layers 4                 # memory per layer at 1M, quickly
     python bench/bench_scale.py --lengths 128k --throughput             # chunked vs one-shot prefill tokens/s
+    python bench/bench_scale.py --lengths 128k --throughput-only --throughput-pieces 5120 10240 20480   # piece sizes
     python bench/bench_scale.py --lengths 1M --kv-dtype fp8 --layers 8   # FP8 KV cache rows (merged into scale.json)
     python bench/bench_scale.py --shape smollm2-135m --layers 2 --lengths 4k --device cpu   # smoke run
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -75,7 +77,7 @@ def timed_generate(model: torch.nn.Module, length: int, new_tokens: int, device:
 
 def _row_key(row: dict) -> tuple:
     return (row["bench"], row["T"], row["shape"], row["layers"], row["prefill_chunk"], row.get("kv_dtype", "bf16"),
-            row["device"])
+            row["device"], row.get("alloc_conf"))
 
 
 def merge_rows(path: Path, new_rows: list[dict]) -> list[dict]:
@@ -97,6 +99,9 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--kv-dtype", default="auto", choices=["auto", "fp8"], help="KV cache storage (fp8: e4m3 + scales)")
     parser.add_argument("--throughput", action="store_true", help="also time prefill in pieces vs one shot")
+    parser.add_argument("--throughput-only", action="store_true", help="only the pieces-vs-one-shot timing (no scale row)")
+    parser.add_argument("--throughput-pieces", type=int, nargs="+", default=None, metavar="TOKENS",
+                        help="piece sizes to time against one shot (default: the --prefill-chunk piece)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
@@ -116,11 +121,12 @@ def main() -> None:
         "backend": args.backend, "dtype": str(dtype), "kv_dtype": plan_kwargs["kv_dtype"],
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "transformers": transformers.__version__,
+        "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or None,
     }
     # kernels compile on first use: warm up so no timed call pays for it
     timed_generate(model, 2 * (piece or 4096) + 17, 2, args.device)
     rows = []
-    for text in args.lengths:
+    for text in [] if args.throughput_only else args.lengths:
         length = parse_size(text, what="length")
         plan, full = make_plan(shape, length=length, **plan_kwargs), make_plan(full_shape, length=length, **plan_kwargs)
         row = {"bench": "scale", "T": length, **timed_generate(model, length, args.new_tokens, args.device),
@@ -128,22 +134,27 @@ def main() -> None:
                "planned_full_depth_gib": round(full.total(piece is not None) / GIB, 2), **common}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    if args.throughput:
+    if args.throughput or args.throughput_only:
+        pieces = args.throughput_pieces or [piece]
         for text in args.lengths:
             length = parse_size(text, what="length")
-            chunked, one_shot = [], []
-            for _ in range(2):  # alternating, best of two each: the machine's drift hits both alike
-                chunked.append(timed_generate(model, length, 1, args.device))
+            chunked: dict[int, list] = {size: [] for size in pieces}
+            one_shot = []
+            for _ in range(2):  # alternating, best of two each: the machine's drift hits all alike
+                for size in pieces:
+                    chunked[size].append(timed_generate(model, length, 1, args.device, prefill_chunk_size=size))
                 one_shot.append(timed_generate(model, length, 1, args.device, prefill_chunk_size=None))
-            best_chunked = min(r["seconds"] for r in chunked)
             best_one_shot = min(r["seconds"] for r in one_shot)
-            row = {"bench": "scale_prefill_throughput", "T": length, "chunked_seconds": best_chunked,
-                   "one_shot_seconds": best_one_shot, "all_chunked_seconds": [r["seconds"] for r in chunked],
-                   "all_one_shot_seconds": [r["seconds"] for r in one_shot],
-                   "ok": all(r["ok"] for r in chunked + one_shot),
-                   "chunked_vs_one_shot_tokens_per_s": round(best_one_shot / best_chunked, 3), **common}
-            print(json.dumps(row), flush=True)
-            rows.append(row)
+            for size in pieces:
+                best_chunked = min(r["seconds"] for r in chunked[size])
+                row = {"bench": "scale_prefill_throughput", "T": length, "chunked_seconds": best_chunked,
+                       "one_shot_seconds": best_one_shot, "all_chunked_seconds": [r["seconds"] for r in chunked[size]],
+                       "all_one_shot_seconds": [r["seconds"] for r in one_shot],
+                       "ok": all(r["ok"] for r in chunked[size] + one_shot),
+                       "chunked_vs_one_shot_tokens_per_s": round(best_one_shot / best_chunked, 3),
+                       **common, "prefill_chunk": size}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = merge_rows(args.out / "scale.json", rows)
     (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
@@ -160,10 +171,12 @@ def main() -> None:
               f"{r['planned_full_depth_gib']} |" for r in rows if r["bench"] == "scale"]
     throughput = [r for r in rows if r["bench"] == "scale_prefill_throughput"]
     if throughput:
-        lines += ["", "| shape | layers | T | prefill in pieces s | one shot s | pieces / one shot tokens/s |",
-                  "|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['layers']} | {r['T']} | {r['chunked_seconds']} | {r['one_shot_seconds']} | "
-                  f"{r['chunked_vs_one_shot_tokens_per_s']} |" for r in throughput]
+        lines += ["", "Prefill (`max_new_tokens=1`) in pieces vs one shot, alternating in one process, best of two each:", "",
+                  "| shape | layers | T | piece tokens | allocator | prefill in pieces s | one shot s | "
+                  "pieces / one shot tokens/s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['layers']} | {r['T']} | {r['prefill_chunk']} | {r.get('alloc_conf') or 'default'} | "
+                  f"{r['chunked_seconds']} | {r['one_shot_seconds']} | {r['chunked_vs_one_shot_tokens_per_s']} |"
+                  for r in throughput]
     lines += ["", "Reproduce one row: `python bench/bench_scale.py --shape <shape> [--layers N] --lengths <T> "
               "[--throughput]` (see the module docstring)."]
     (args.out / "scale.md").write_text("\n".join(lines) + "\n")
