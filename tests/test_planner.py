@@ -113,7 +113,7 @@ def test_plan_fits_decisions():
     shape = load_shape("llama-3-8b")
     bf16 = make_plan(shape, length=2**20)
     fp8 = make_plan(shape, length=2**20, kv_dtype="fp8")
-    assert bf16.prefill_chunk == 5120
+    assert bf16.prefill_chunk == 10240  # two chunk strides, as the patched generate prefills
     assert not bf16.fits(chunked=False) and not bf16.fits() and fp8.fits() and not fp8.fits(chunked=False)
     tp = make_plan(load_shape("llama-3-70b"), length=2**17, gpus=8)
     assert tp.kv_cache == kv_cache_bytes(load_shape("llama-3-70b"), 2**17 + 16) // 8

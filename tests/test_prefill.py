@@ -97,18 +97,18 @@ def test_every_piece_size_from_1_to_the_prompt_length():
         assert _max_logit_error(chunked, one_shot) <= TOL, f"pieces of {piece}"
 
 
-def test_default_is_one_chunk_and_plain_generate_uses_it(padded_prompt):
+def test_default_is_two_chunks_and_plain_generate_uses_it(padded_prompt):
     ids, mask = padded_prompt
     config = DCAConfig(PRETRAINING_LENGTH)
-    assert default_prefill_chunk_size(config) == CHUNK_LEN
+    assert default_prefill_chunk_size(config) == 2 * CHUNK_LEN
     model = apply_dca(make_model("qwen2"), config)
     one_shot = _generate(model, ids, mask)
     enable_chunked_prefill(model, resolve_prefill_chunk_size(config, None))
-    assert get_prefill_chunk_size(model) == CHUNK_LEN
+    assert get_prefill_chunk_size(model) == 2 * CHUNK_LEN
     counter = _PrefillPieces(model)
     chunked = _generate(model, ids, mask)
     counter.remove()
-    assert counter.lengths[:4] == [20, 20, 20, 13]
+    assert counter.lengths[:2] == [40, 33]
     assert torch.equal(chunked.sequences, one_shot.sequences)
     assert _max_logit_error(chunked, one_shot) <= TOL
 
@@ -239,7 +239,7 @@ def test_bad_sizes_raise_clear_errors(bad):
 
 def test_resolve():
     config = DCAConfig(8192)
-    assert resolve_prefill_chunk_size(config, None) == 5120
+    assert resolve_prefill_chunk_size(config, None) == 10240
     assert resolve_prefill_chunk_size(config, 0) is None
     assert resolve_prefill_chunk_size(config, 4096) == 4096
     with pytest.raises(ValueError, match="or 0 to switch the default off"):

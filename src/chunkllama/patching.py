@@ -417,7 +417,7 @@ def apply_dca(
         backend: attention backend, "auto" | "reference" | "triton".
         prefill_chunk_size: tokens per prefill piece this instance's ``generate`` uses when the
             caller sets none (transformers' own chunked prefill, so activation memory is bounded by
-            the piece, not the prompt); default: one DCA ``chunk_len``; 0 = prefill in one shot.
+            the piece, not the prompt); default: two DCA ``chunk_len`` strides; 0 = prefill in one shot.
         kv_cache_dtype: ``"auto"`` keeps keys/values in the model's dtype; ``"fp8"`` stores them as
             e4m3 with one fp32 scale per token and KV head (:mod:`chunkllama.attention.fp8`), about
             half the KV cache memory (``1 + 4/head_dim`` bytes per element), read directly by the

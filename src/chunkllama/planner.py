@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DCAConfig
+from .prefill import default_prefill_chunk_size
 
 GIB = 1024**3
 
@@ -249,7 +250,8 @@ def make_plan(
     reserve: int = GIB,
     gpu_memory: int = 139 * GIB,
 ) -> Plan:
-    """Every number of a :class:`Plan`; ``prefill_chunk`` defaults to DCA's ``chunk_len``."""
+    """Every number of a :class:`Plan`; ``prefill_chunk`` defaults to the patched ``generate``'s piece
+    (:func:`chunkllama.prefill.default_prefill_chunk_size`)."""
     for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype)):
         if value not in DTYPE_BYTES:
             raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(DTYPE_BYTES)}.")
@@ -264,7 +266,7 @@ def make_plan(
         )
     if dca is None:
         dca = DCAConfig(shape.pretraining_length or 4096)
-    piece = prefill_chunk or dca.chunk_len
+    piece = prefill_chunk or default_prefill_chunk_size(dca)
     b = DTYPE_BYTES[dtype]
     weights = (shape.layers * shape.layer_params() / gpus + shape.params() - shape.layers * shape.layer_params()) * b
     common = dict(length=length, batch=batch, act_bytes=b, gpus=gpus, chunk_len=dca.chunk_len,

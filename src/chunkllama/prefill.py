@@ -48,12 +48,18 @@ class _PrefillPatch:
     original_generate: Any  # an instance-level ``generate`` that was there before, or _MISSING
 
 
-def default_prefill_chunk_size(config: DCAConfig) -> int:
-    """The default piece size for a model patched with ``config``: one DCA chunk stride, ``chunk_len``.
+PIECE_CHUNKS = 2  # DCA chunk strides per default prefill piece
 
-    E.g. 5120 tokens for Llama-3 (``pretraining_length`` 8192), 2560 for Llama-2 (4096).
+
+def default_prefill_chunk_size(config: DCAConfig) -> int:
+    """The default piece size for a model patched with ``config``: two DCA chunk strides, ``2 * chunk_len``.
+
+    E.g. 10240 tokens for Llama-3 (``pretraining_length`` 8192), 5120 for Llama-2 (4096). Why two: at 128k
+    tokens, Llama-3-8B shapes on an H200, prefill in pieces of one / two / four chunk strides ran at
+    0.937 / 0.965 / 0.979 of one-shot prefill's tokens/s (``bench/results/scale.md``); two stay above
+    0.95 while the activations stay bounded by a 10k-token piece.
     """
-    return config.chunk_len
+    return PIECE_CHUNKS * config.chunk_len
 
 
 def resolve_prefill_chunk_size(config: DCAConfig, prefill_chunk_size: int | None) -> int | None:

@@ -290,3 +290,31 @@ def test_gpu_decode_weight_split_reaches_the_floor(case):
 
 if __name__ == "__main__" and "--worker" in sys.argv:
     worker_main(_worker_results)
+
+
+def test_launch_fitting_falls_back_to_smaller_tiles_on_out_of_resources():
+    """A launch that runs out of shared memory (fp32 tiles at head_dim 128 on an H200 needed 393,216 B of
+    232,448) is retried with smaller tiles instead of failing."""
+    from triton.runtime.errors import OutOfResources
+
+    from chunkllama.attention.triton_prefill import launch_fitting, smaller_configs
+
+    tried = []
+
+    def launch(config):
+        tried.append(config)
+        block_m, block_n, _, stages = config
+        need = 3 * block_m * 128 * 4 + stages * 2 * block_n * 128 * 4  # the fp32 estimate of shared_memory
+        if need > 232448:
+            raise OutOfResources(need, 232448, "shared memory")
+        return config
+
+    assert launch_fitting(launch, (128, 64, 8, 3)) == (64, 64, 8, 2)
+    assert tried == [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 8, 2)]
+    assert smaller_configs((128, 64, 8, 3))[-1] == (32, 32, 8, 2)
+
+    def never(config):
+        raise OutOfResources(1 << 20, 232448, "shared memory")
+
+    with pytest.raises(OutOfResources):
+        launch_fitting(never, (128, 64, 8, 3))

@@ -49,6 +49,8 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import triton
@@ -306,6 +308,35 @@ def _config(head_dim: int, qsplit: bool = False) -> tuple[int, int, int, int]:
     return 128, 64, 8, 3
 
 
+def smaller_configs(config: tuple[int, int, int, int]) -> list[tuple[int, int, int, int]]:
+    """``config`` (``(BLOCK_M, BLOCK_N, num_warps, num_stages)``), then the tilings to fall back to, in
+    order, when a launch runs out of shared memory (e.g. fp32 inputs, whose tiles take twice the bytes
+    the bf16 defaults were sized for): two pipeline stages, then halved blocks down to 32."""
+    block_m, block_n, warps, stages = config
+    configs = [config]
+    while True:
+        if stages > 2:
+            stages = 2
+        elif block_m > 32:
+            block_m //= 2
+        elif block_n > 32:
+            block_n //= 2
+        else:
+            return configs
+        configs.append((block_m, block_n, warps, stages))
+
+
+def launch_fitting(launch: Callable[[tuple[int, int, int, int]], Any], config: tuple[int, int, int, int]) -> Any:
+    """``launch(config)``; on triton's ``OutOfResources`` (raised before the kernel runs) the next of
+    :func:`smaller_configs`; re-raises the last error when none fits."""
+    for candidate in smaller_configs(config)[:-1]:
+        try:
+            return launch(candidate)
+        except OutOfResources:
+            continue
+    return launch(smaller_configs(config)[-1])
+
+
 def shared_memory(head_dim: int, config: tuple[int, int, int, int], qsplit: bool, itemsize: int = 2) -> int:
     """Bytes of shared memory the kernel is expected to take (triton 3.6 on sm_90; later versions took less).
 
@@ -414,13 +445,19 @@ def _run(args: tuple, head_dim: int, q_len: int, programs_per_block: int, qsplit
     (fp32 ``(B, Hq, Tq)``) is written when given."""
     out = args[3]
     q_lo = torch.empty_like(out) if qsplit else out
-    block_m, block_n, warps, stages = _config(head_dim, qsplit)
-    grid = (triton.cdiv(q_len, block_m), programs_per_block)
-    _dca_prefill_kernel[grid](
-        *args[:4], q_lo, out if lse is None else lse, *args[4:],
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=qsplit, STORE_LSE=lse is not None,
-        num_warps=warps, num_stages=stages,
-    )
+
+    def launch(config: tuple[int, int, int, int]) -> None:
+        block_m, block_n, warps, stages = config
+        _dca_prefill_kernel[(triton.cdiv(q_len, block_m), programs_per_block)](
+            *args[:4], q_lo, out if lse is None else lse, *args[4:],
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=qsplit, STORE_LSE=lse is not None,
+            num_warps=warps, num_stages=stages,
+        )
+
+    if qsplit:  # the caller falls back to the single query tile rather than to smaller blocks
+        launch(_config(head_dim, qsplit))
+    else:
+        launch_fitting(launch, _config(head_dim, qsplit))
 
 
 _prefill_op = torch.library.custom_op("chunkllama::dca_prefill", _launch, mutates_args=())

@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_prefill import LOG2E, _query_at, launch_prefill, rope_tables, tuning_override
+from .triton_prefill import LOG2E, _query_at, launch_fitting, launch_prefill, rope_tables, tuning_override
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -386,7 +386,7 @@ def dca_prefill_backward(
     d_out = _last_dim_contiguous(d_out)
     delta = torch.empty(batch, q_heads, q_len, dtype=torch.float32, device=query.device)
     cos_table, sin_table = rope_tables(inv_freq, chunk_size)
-    (bm1, bn1, w1, s1), (bm2, bn2, w2, s2) = _configs(head_dim)
+    dkdv_config, dq_config = _configs(head_dim)
     block_d = 16 if _INTERPRET else 64
     _delta_kernel[(triton.cdiv(q_len, block_d), batch * q_heads)](
         out, d_out, delta, out.stride(0), out.stride(1), out.stride(2),
@@ -397,29 +397,38 @@ def dca_prefill_backward(
     dk = torch.zeros_like(key)  # padding keys (negative positions) are never visited: their gradient is 0
     dv = torch.zeros_like(value)
     common = (float(attn_scaling), float(scale * LOG2E))
-    _dkdv_kernel[(triton.cdiv(kv_len, bn1), batch * kv_heads)](
-        query, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions, cos_table, sin_table,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        d_out.stride(0), d_out.stride(1), d_out.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        query_positions.stride(0), key_positions.stride(0),
-        q_len, kv_len, q_heads, kv_heads, q_heads // kv_heads, chunk_len, chunk_size, *common,
-        HEAD_DIM=head_dim, BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1,
-    )
-    _dq_kernel[(triton.cdiv(q_len, bm2), batch * q_heads)](
-        query, key, value, d_out, dq, lse, delta, query_positions, key_positions, cos_table, sin_table,
-        query.stride(0), query.stride(1), query.stride(2),
-        key.stride(0), key.stride(1), key.stride(2),
-        value.stride(0), value.stride(1), value.stride(2),
-        d_out.stride(0), d_out.stride(1), d_out.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        query_positions.stride(0), key_positions.stride(0),
-        q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, *common, float(scale * attn_scaling),
-        HEAD_DIM=head_dim, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2,
-    )
+    def launch_dkdv(config: tuple[int, int, int, int]) -> None:
+        bm1, bn1, w1, s1 = config
+        _dkdv_kernel[(triton.cdiv(kv_len, bn1), batch * kv_heads)](
+            query, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions, cos_table, sin_table,
+            query.stride(0), query.stride(1), query.stride(2),
+            key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            d_out.stride(0), d_out.stride(1), d_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            query_positions.stride(0), key_positions.stride(0),
+            q_len, kv_len, q_heads, kv_heads, q_heads // kv_heads, chunk_len, chunk_size, *common,
+            HEAD_DIM=head_dim, BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1,
+        )
+
+    def launch_dq(config: tuple[int, int, int, int]) -> None:
+        bm2, bn2, w2, s2 = config
+        _dq_kernel[(triton.cdiv(q_len, bm2), batch * q_heads)](
+            query, key, value, d_out, dq, lse, delta, query_positions, key_positions, cos_table, sin_table,
+            query.stride(0), query.stride(1), query.stride(2),
+            key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2),
+            d_out.stride(0), d_out.stride(1), d_out.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            query_positions.stride(0), key_positions.stride(0),
+            q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, *common, float(scale * attn_scaling),
+            HEAD_DIM=head_dim, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2,
+        )
+
+    # smaller tiles where the defaults (sized for 2-byte inputs) run out of shared memory, e.g. fp32
+    launch_fitting(launch_dkdv, dkdv_config)
+    launch_fitting(launch_dq, dq_config)
     return dq, dk, dv
 
 
