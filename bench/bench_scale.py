@@ -88,6 +88,34 @@ def merge_rows(path: Path, new_rows: list[dict]) -> list[dict]:
     return [r for r in old if _row_key(r) not in fresh] + new_rows
 
 
+def write_md(rows: list[dict], path: Path) -> None:
+    """``scale.md`` from all merged rows (device and versions of the newest row)."""
+    last = rows[-1]
+    lines = [
+        f"# Long prompts in one generate call — {last['device']}, random {last['dtype'].removeprefix('torch.')} weights, "
+        f"DCA L={last['dca_config']['pretraining_length']}, torch {last['torch']}, transformers {last['transformers']}", "",
+        "Rows from all runs merged (`scale.json`); `layers` below the shape's depth measure memory per layer "
+        "(the planner's full-depth column scales them).", "",
+        "| shape | layers | KV cache | prefill pieces | T | new | ok | seconds | peak GiB | planned GiB | "
+        "planned at full depth GiB |", "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['shape']} | {r['layers']} | {r.get('kv_dtype') or 'bf16'} | {r['prefill_chunk'] or 'one shot'} | "
+              f"{r['T']} | {r['new_tokens']} | {r['ok']} | {r['seconds']} | {r['peak_gib']} | {r['planned_gib']} | "
+              f"{r['planned_full_depth_gib']} |" for r in rows if r["bench"] == "scale"]
+    throughput = [r for r in rows if r["bench"] == "scale_prefill_throughput"]
+    if throughput:
+        lines += ["", "Prefill (`max_new_tokens=1`) in pieces vs one shot, alternating in one process, best of two each:", "",
+                  "| shape | layers | T | piece tokens | allocator | prefill in pieces s | one shot s | "
+                  "pieces / one shot tokens/s |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['shape']} | {r['layers']} | {r['T']} | {r['prefill_chunk']} | {r.get('alloc_conf') or 'default'} | "
+                  f"{r['chunked_seconds']} | {r['one_shot_seconds']} | {r['chunked_vs_one_shot_tokens_per_s']} |"
+                  for r in throughput]
+    lines += ["", "Reproduce one row: `python bench/bench_scale.py --shape <shape> [--layers N] --lengths <T> "
+              "[--throughput | --throughput-only --throughput-pieces N ...] [--kv-dtype fp8]` (see the module docstring); "
+              "`--report-only` rewrites this file from `scale.json`."]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="llama-3-8b", choices=sorted(SHAPES))
@@ -104,7 +132,11 @@ def main() -> None:
                         help="piece sizes to time against one shot (default: the --prefill-chunk piece)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--report-only", action="store_true", help="rewrite scale.md from scale.json, measure nothing")
     args = parser.parse_args()
+    if args.report_only:
+        write_md(json.loads((args.out / "scale.json").read_text()), args.out / "scale.md")
+        return
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     model = build_model(args.shape, args.layers, args.device, dtype)
     dca = chunkllama.DCAConfig(args.pretraining_length)
@@ -158,28 +190,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = merge_rows(args.out / "scale.json", rows)
     (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = [
-        f"# Long prompts in one generate call — {common['device']}, random {dtype} weights, DCA L={args.pretraining_length}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}", "",
-        "Rows from all runs merged (`scale.json`); `layers` below the shape's depth measure memory per layer "
-        "(the planner's full-depth column scales them).", "",
-        "| shape | layers | KV cache | prefill pieces | T | new | ok | seconds | peak GiB | planned GiB | "
-        "planned at full depth GiB |", "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['shape']} | {r['layers']} | {r.get('kv_dtype', 'bf16')} | {r['prefill_chunk'] or 'one shot'} | "
-              f"{r['T']} | {r['new_tokens']} | {r['ok']} | {r['seconds']} | {r['peak_gib']} | {r['planned_gib']} | "
-              f"{r['planned_full_depth_gib']} |" for r in rows if r["bench"] == "scale"]
-    throughput = [r for r in rows if r["bench"] == "scale_prefill_throughput"]
-    if throughput:
-        lines += ["", "Prefill (`max_new_tokens=1`) in pieces vs one shot, alternating in one process, best of two each:", "",
-                  "| shape | layers | T | piece tokens | allocator | prefill in pieces s | one shot s | "
-                  "pieces / one shot tokens/s |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['layers']} | {r['T']} | {r['prefill_chunk']} | {r.get('alloc_conf') or 'default'} | "
-                  f"{r['chunked_seconds']} | {r['one_shot_seconds']} | {r['chunked_vs_one_shot_tokens_per_s']} |"
-                  for r in throughput]
-    lines += ["", "Reproduce one row: `python bench/bench_scale.py --shape <shape> [--layers N] --lengths <T> "
-              "[--throughput]` (see the module docstring)."]
-    (args.out / "scale.md").write_text("\n".join(lines) + "\n")
+    write_md(rows, args.out / "scale.md")
 
 
 if __name__ == "__main__":

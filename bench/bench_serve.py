@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--prefix-cache-gb", type=float, default=24.0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads in the server")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="folder for the servers' logs (default: a temporary folder; give one on a GPU run so "
+                             "they come back with the results)")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds a client waits for one request")
     args = parser.parse_args(argv)
     import openai
 
@@ -118,24 +123,34 @@ def main(argv: list[str] | None = None) -> int:
         base_args += ["--device", args.device]
     if args.threads:
         base_args += ["--threads", str(args.threads)]
-    logs = Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="bench-serve-"))
+    began = time.monotonic()
+
+    def progress(what: str) -> None:
+        print(f"[bench_serve {time.monotonic() - began:6.1f}s] {what}", flush=True)
 
     def client_for(base):
-        return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=3600)
+        return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=args.request_timeout)
 
+    progress(f"{len(docs)} documents of {args.doc_tokens} tokens; starting the server (log: {logs / 'server.log'})")
     proc, base = start_server(base_args + ["--prefix-cache-gb", str(args.prefix_cache_gb)], logs / "server.log")
     try:
         client = client_for(base)
         model = client.models.list().data[0].id
+        progress(f"server up at {base}; warm-up request")
         stream_chat(client, model, [{"role": "user", "content": "Hi"}], 2)  # warm-up (kernels, allocator)
+        progress("phase 1: one client, cold document")
         single = stream_chat(client, model, first_turn(docs[-1]), args.max_tokens)
+        progress(f"phase 2: {args.clients} concurrent clients, cold documents")
         first = concurrently(client, model, [first_turn(d) for d in docs[:-1]], args.max_tokens)
         follow_convs = [first_turn(d) + [{"role": "assistant", "content": r["text"]},
                                          {"role": "user", "content": QUESTIONS[1]}] for d, r in zip(docs, first)]
+        progress("phase 3: follow-ups, prefix cache on")
         follow = concurrently(client, model, follow_convs, args.max_tokens)
         metrics_cached = server_metrics(base)
     finally:
         stop_server(proc)
+    progress("phase 4: follow-ups on a server without the prefix cache")
     proc, base = start_server(base_args + ["--prefix-cache-gb", "0"], logs / "server_nocache.log")
     try:
         client = client_for(base)
@@ -143,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         follow_nocache = concurrently(client, model, follow_convs, args.max_tokens)
     finally:
         stop_server(proc)
+    progress("done")
 
     errors = [r["error"] for r in [single, *first, *follow, *follow_nocache] if r["error"]]
 
