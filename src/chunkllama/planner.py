@@ -27,6 +27,11 @@ element, the planner predicts, per GPU:
     with an fp8 cache plus ``2·B·(Hk/G)·T·D·b``: a prefill piece reads the layer's keys and values
     dequantized to the activation dtype (:func:`chunkllama.attention.triton_dispatch.launch`);
 
+  * with the PyTorch reference backend (``backend="reference"``), when the prompt's final piece has
+    ``r`` tokens with ``(Hq/Hk)·r <= 64`` query rows per KV head: its static path scores every pair
+    three ways at once, ``4·B·(Hq/G)·r·T·4`` (fp32 scores of the three rotations and the picked ones)
+    besides the piece's ``3·B·r·H·b`` and q, k, v (the Triton kernels keep no such matrix);
+
   plus, for the whole forward, rotary tables ``2·B·P·D·b``. No attention mask: the patched base model
   hands its layers a ``(B, 1, P, 1)`` placeholder (they read positions), so transformers builds none
   (it used to build ``B·P·T`` bools per piece: 5 GiB per piece at a 1M-token cache).
@@ -181,6 +186,9 @@ class Plan:
         return self.total(chunked) <= self.gpu_memory
 
 
+STATIC_MAX_ROWS = 64  # attention.reference.STATIC_MAX_ROWS (not imported: the planner needs no torch)
+
+
 def _mask_bytes(batch: int, piece: int) -> int:
     """The placeholder mask a patched model passes instead of a ``(B, 1, P, T)`` one (one bool per query)."""
     return batch * piece
@@ -200,10 +208,15 @@ def prefill_activation_peak(
     cache: str = "dynamic",
     padded: bool = False,
     dequantized_cache: bool = False,
+    backend: str = "triton",
 ) -> int:
     """Peak bytes of the last prefill piece's forward on top of weights and KV cache (module docstring).
 
-    ``dequantized_cache``: the cache is fp8 and the piece reads it dequantized (bf16 keys and values of one layer)."""
+    ``dequantized_cache``: the cache is fp8 and the piece reads it dequantized (bf16 keys and values of one layer).
+    ``backend="reference"`` (the PyTorch path, e.g. on a CPU) adds its static path's fp32 scores when the
+    prompt's final piece has few rows (module docstring)."""
+    if backend not in ("triton", "reference"):
+        raise ValueError(f"Unknown backend {backend!r}; use triton or reference.")
     piece = min(piece, length)
     h, d, g, b = shape.hidden, shape.head_dim, gpus, act_bytes
     q_heads, kv_heads = shape.q_heads / g, shape.kv_heads / g
@@ -219,7 +232,13 @@ def prefill_activation_peak(
         workspace += 2 * batch * kv_heads * length * d * b
     attention = 3 * batch * piece * h * b + batch * piece * (q_heads + 2 * kv_heads) * d * b + max(growth, workspace)
     always = _mask_bytes(batch, piece) + 2 * batch * piece * d * b
-    return int(max(mlp, attention) + always + 2 * batch * shape.vocab * 4)
+    last = length - (length - 1) // piece * piece  # tokens of the final piece
+    static = 0
+    if backend == "reference" and shape.q_heads // shape.kv_heads * last <= STATIC_MAX_ROWS:
+        # reference.static_dca_attention: the scores of all three rotations and the picked ones, fp32
+        static = 3 * batch * last * h * b + batch * last * (q_heads + 2 * kv_heads) * d * b \
+            + 4 * batch * q_heads * last * length * 4
+    return int(max(mlp, attention, static) + always + 2 * batch * shape.vocab * 4)
 
 
 def kv_element_bytes(shape: Shape, kv_dtype: str) -> float:
@@ -249,6 +268,7 @@ def make_plan(
     padded: bool = False,
     reserve: int = GIB,
     gpu_memory: int = 139 * GIB,
+    backend: str = "triton",
 ) -> Plan:
     """Every number of a :class:`Plan`; ``prefill_chunk`` defaults to the patched ``generate``'s piece
     (:func:`chunkllama.prefill.default_prefill_chunk_size`)."""
@@ -270,7 +290,7 @@ def make_plan(
     b = DTYPE_BYTES[dtype]
     weights = (shape.layers * shape.layer_params() / gpus + shape.params() - shape.layers * shape.layer_params()) * b
     common = dict(length=length, batch=batch, act_bytes=b, gpus=gpus, chunk_len=dca.chunk_len,
-                  cache_bytes=kv_element_bytes(shape, kv_dtype), dequantized_cache=kv_dtype == "fp8", attn_implementation=attn_implementation, cache=cache, padded=padded)
+                  cache_bytes=kv_element_bytes(shape, kv_dtype), dequantized_cache=kv_dtype == "fp8", attn_implementation=attn_implementation, cache=cache, padded=padded, backend=backend)
     return Plan(
         weights=int(weights),
         kv_cache=kv_cache_bytes(shape, length + new_tokens, batch=batch, kv_dtype=kv_dtype, gpus=gpus),
