@@ -313,9 +313,16 @@ def _round_ratios(runs: list[dict], base_runs: list[dict]) -> list[float]:
 
 
 def combine(args) -> None:
-    data = [json.loads((args.out / f"decode_generate_{label}.json").read_text()) for label in args.combine]
+    data = []
+    for label in args.combine:
+        path = args.out / f"decode_generate_{label}.json"
+        if path.exists():
+            data.append(json.loads(path.read_text()))
+        else:  # a run cut short: the rows it streamed to .jsonl (no device info of its own)
+            partial = args.out / f"decode_generate_{label}.jsonl"
+            data.append({"rows": [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]})
     rows = [row for d in data for row in d["rows"]]
-    info = {k: v for k, v in data[-1].items() if k not in ("rows", "label")}
+    info = {k: v for k, v in next(d for d in reversed(data) if "device" in d).items() if k not in ("rows", "label")}
     (args.out / "decode_generate.json").write_text(json.dumps({"rows": rows, **info}, indent=1))
     lines = [
         "# Decode speed in `model.generate`: DCA vs unpatched, Llama-3-8B shapes (random bf16)",
