@@ -1,7 +1,7 @@
 """DCA attention forward + backward: fused Triton kernels vs SDPA-flash causal (the same call), and gradient parity.
 
 Usage (CUDA):
-    python bench/bench_backward.py [--lengths 8192 16384 32768] [--parity-length 2048] [--out bench/results]
+    python bench/bench_backward.py [--lengths 8192 16384 32768] [--parity-length 2048] [--tune 16384] [--out bench/results]
 
 Shapes: batch 1, 32 query heads / 8 KV heads, head_dim 128, bf16 (Llama-3-8B attention), pretraining
 length 8192 (chunk_size 6144, chunk_len 5120). Random inputs; ``q``, ``k``, ``v`` are leaves that
@@ -102,6 +102,41 @@ def run_speed(T: int, rows: list, info: dict) -> None:
     rows.append(row)
 
 
+BWD_CONFIGS = ["64,64,8,2", "64,64,4,2", "64,64,4,3", "128,64,8,2", "64,128,8,2", "128,128,8,2", "32,64,4,3",
+               "64,32,4,3"]
+
+
+def tune_backward(T: int, rows: list, info: dict) -> None:
+    """Time the backward (forward + backward minus forward) of each (dK/dV config, dQ config) candidate —
+    ``BLOCK_M,BLOCK_N,warps,stages`` through ``CHUNKLLAMA_BWD_DKDV_CONFIG`` / ``CHUNKLLAMA_BWD_DQ_CONFIG`` —
+    one kernel at a time (the other at its default), and print the best of each."""
+    import os
+
+    rope, config = make_rope(), DCAConfig(PRETRAINING)
+    gen = torch.Generator(device="cuda").manual_seed(T)
+    q, k, v = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
+               for h in (HQ, HK, HK))
+    d_out = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
+    positions = torch.arange(T, device="cuda")[None]
+
+    def step():
+        dca_attention(q, k, v, positions, positions, rope, config, D**-0.5, backend="triton").backward(d_out)
+
+    for variable in ("CHUNKLLAMA_BWD_DKDV_CONFIG", "CHUNKLLAMA_BWD_DQ_CONFIG"):
+        timings = {}
+        for candidate in BWD_CONFIGS:
+            os.environ[variable] = candidate
+            try:
+                timings[candidate] = bench_ms(step, [q, k, v], rep_ms=200)
+            except Exception as exc:  # noqa: BLE001 (a tiling the compiler rejects is a row, not a crash)
+                print(f"tune {variable}={candidate}: {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+                continue
+            print(f"tune {variable}={candidate}: fwd+bwd {timings[candidate]:.2f} ms at T={T}", flush=True)
+        del os.environ[variable]
+        best = min(timings, key=timings.get) if timings else None
+        rows.append({"bench": "tune", "variable": variable, "T": T, "timings_ms": timings, "best": best, **info})
+
+
 def run_parity(T: int, rows: list, info: dict) -> None:
     rope, config = make_rope(), DCAConfig(1024)
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -143,6 +178,10 @@ def write_md(rows: list, path: Path) -> None:
             lines.append(f"| {r['T']} | {r['dca_fwd_ms']:.2f} | {r['dca_fwd_bwd_ms']:.2f} | {r['sdpa_fwd_ms']:.2f} | "
                          f"{r['sdpa_fwd_bwd_ms']:.2f} | {r['fwd_bwd_dca_over_sdpa']:.2f}x | {r['bwd_dca_over_sdpa']:.2f}x | "
                          f"{r['dca_peak_gib']:.2f} | {r['sdpa_peak_gib']:.2f} |")
+    for r in (r for r in rows if r["bench"] == "tune"):
+        lines += ["", f"Tiling of `{r['variable']}` at T={r['T']} (forward + backward ms; the other kernel at its default): "
+                  f"best `{r['best']}`", "", "| config | ms |", "|---|---|"]
+        lines += [f"| {c} | {ms:.2f} |" for c, ms in r["timings_ms"].items()]
     for r in (r for r in rows if r["bench"] == "parity"):
         lines += ["", f"Gradient parity at T={r['T']} (B={r['B']}, {r['Hq']}/{r['Hk']} heads, pads {r['pads']}, "
                   "pretraining 1024): max abs error vs the fp32 reference path", "",
@@ -157,10 +196,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="*", default=[8192, 16384, 32768])
     parser.add_argument("--parity-length", type=int, default=2048)
+    parser.add_argument("--tune", type=int, default=0, metavar="T",
+                        help="first time the backward kernels' tilings at this length (see tune_backward)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args()
     info = device_info()
     rows: list = []
+    if args.tune:
+        tune_backward(args.tune, rows, info)
     if args.parity_length:
         run_parity(args.parity_length, rows, info)
     for T in args.lengths:

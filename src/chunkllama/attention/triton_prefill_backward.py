@@ -8,23 +8,27 @@ already rotated), ``P = exp(s - lse)``, ``D_i = rowsum(dO ∘ O)``::
     dK_j = scale · Σ_i dS_ij R(p_ij) q_i
     dq_i = scale · Σ_phase R(p_phase,i)ᵀ Σ_{j in phase} dS_ij k_j
 
-Three kernels:
+Four kernels:
 
 1. :func:`_delta_kernel`: ``D = rowsum(dO ∘ O)`` in fp32, ``(B, Hq, Tq)``.
-2. :func:`_dkdv_kernel`: one program per ``BLOCK_N`` keys (tiles aligned to key *positions*, as in the
+2. :func:`_rotate_queries_kernel`: the three rotations of every query (intra, successive, inter: the
+   forward's fp32 rotation, pre-scaled, rounded once to the input dtype) into one ``(3, B, Hq, Tq, D)``
+   buffer, so the key-major kernel below loads a rotated tile instead of re-rotating each query tile
+   once per key tile (the rotation gathers cos/sin rows per query: it cost more than the dots).
+3. :func:`_dkdv_kernel`: one program per ``BLOCK_N`` keys (tiles aligned to key *positions*, as in the
    forward) of one KV head; it walks the query heads of its group (GQA: their contributions sum) and
    the query tiles that can see the keys, recomputing each score with the query rotated at the pair's
    phase. A tile pair whose rows all share one chunk relation with the keys takes one rotation and
    two dots (``s``, ``dK``); a pair that straddles a chunk boundary takes three of each (``where``).
-3. :func:`_dq_kernel`: one program per ``BLOCK_M`` query rows of one query head, walking the key tiles
+4. :func:`_dq_kernel`: one program per ``BLOCK_M`` query rows of one query head, walking the key tiles
    in the forward's phases (inter, successive, intra; a general per-element path for blocks that
    straddle a chunk boundary). Each phase accumulates ``dS · K`` in the rotated frame, as two half
    tiles (``D/2`` columns each) so that the transpose rotation (``x_lo = y_lo cos + y_hi sin``,
    ``x_hi = y_hi cos - y_lo sin``) is elementwise, then rotates it back once per phase.
 
 Every output element is written by exactly one program: no atomics, the same result every run.
-Extra memory: ``lse`` and ``D`` (fp32, ``B · Hq · Tq`` each) and the cos/sin tables; no ``T × T``
-buffer. Assumption (what :mod:`chunkllama.patching` produces): within a row, key positions are
+Extra memory: ``lse`` and ``D`` (fp32, ``B · Hq · Tq`` each), the rotated queries (three times the
+query's size, for the duration of the backward) and the cos/sin tables; no ``T × T`` buffer. Assumption (what :mod:`chunkllama.patching` produces): within a row, key positions are
 ``index - offset`` and the queries are the last ``Tq`` keys (positions contiguous too; left padding
 negative).
 
@@ -72,14 +76,46 @@ def _delta_kernel(O, DO, Delta, stride_ob, stride_oh, stride_om, stride_db, stri
     tl.store(Delta + pid_bh.to(tl.int64) * Tq + offs_m, tl.sum(o * do, 1), mask=row_in)
 
 
+@triton.jit
+def _rotate_queries_kernel(Q, QR, QPos, Cos, Sin, stride_qb, stride_qh, stride_qm, stride_rc, stride_rb, stride_rh,
+                           stride_qpb, Tq, num_heads, chunk_len, chunk_size, attn_scaling, qk_scale,
+                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``QR[c, b, h, m] = R(pos_c(m)) q`` for c = intra, successive, inter (:func:`_query_in`, bit for bit)."""
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = pid_bh % num_heads
+    DTYPE = QR.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_in = offs_m < Tq
+    qpos_c = tl.maximum(tl.load(QPos + b * stride_qpb + offs_m, mask=row_in, other=0).to(tl.int32), 0)
+    pos_intra = qpos_c % chunk_len
+    q_head = Q + b * stride_qb + h * stride_qh
+    out = QR + b * stride_rb + h * stride_rh + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    q = _query_in(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+    tl.store(out, q, mask=row_in[:, None])
+    q = _query_in(q_head, stride_qm, offs_m, row_in, tl.minimum(pos_intra + chunk_len, chunk_size), Cos, Sin,
+                  attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+    tl.store(out + stride_rc, q, mask=row_in[:, None])
+    q = _query_in(q_head, stride_qm, offs_m, row_in, tl.zeros_like(pos_intra) + chunk_size, Cos, Sin, attn_scaling,
+                  qk_scale, DTYPE, HEAD_DIM)
+    tl.store(out + 2 * stride_rc, q, mask=row_in[:, None])
+
+
+@triton.jit
+def _rotated(qr_head, copy, stride_rc, offs_m, row_in, HEAD_DIM: tl.constexpr):
+    """Rows ``offs_m`` of rotation ``copy`` (0 intra, 1 successive, 2 inter) from :func:`_rotate_queries_kernel`."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    return tl.load(qr_head + copy * stride_rc + offs_m[:, None] * HEAD_DIM + offs_d[None, :], mask=row_in[:, None],
+                   other=0.0)
+
+
 # --------------------------------------------------------------------------------------------- dK, dV
 
 
 @triton.jit
-def _dkdv_tile_uniform(dk, dv, k, v, q_head, stride_qm, offs_m, row_in, rot_pos, Cos, Sin, attn_scaling, qk_scale,
-                       do, lse2, delta, qpos, kpos, kmask, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """One query tile whose visible pairs with these keys share one rotation (``rot_pos`` per row)."""
-    q = _query_in(q_head, stride_qm, offs_m, row_in, rot_pos, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+def _dkdv_tile_uniform(dk, dv, k, v, q, do, lse2, delta, qpos, kpos, kmask, DTYPE: tl.constexpr):
+    """One query tile whose visible pairs with these keys share one rotation (``q``, rotated and pre-scaled)."""
     qk_t = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M), log2 units
     visible = (kpos[:, None] <= qpos[None, :]) & kmask[:, None]
     p_t = tl.math.exp2(tl.where(visible, qk_t, float("-inf")) - lse2[None, :])
@@ -91,16 +127,15 @@ def _dkdv_tile_uniform(dk, dv, k, v, q_head, stride_qm, offs_m, row_in, rot_pos,
 
 
 @triton.jit
-def _dkdv_tile_mixed(dk, dv, k, v, q_head, stride_qm, offs_m, row_in, pos_intra, pos_succ, pos_inter, Cos, Sin,
-                     attn_scaling, qk_scale, do, lse2, delta, qpos, qc, kpos, kmask, chunk_len,
-                     DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dkdv_tile_mixed(dk, dv, k, v, qr_head, stride_rc, offs_m, row_in, do, lse2, delta, qpos, qc, kpos, kmask,
+                     chunk_len, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One query tile whose pairs with these keys have different chunk relations: three rotations."""
     gap = qc[None, :] - (kpos // chunk_len)[:, None]
-    qa = _query_in(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+    qa = _rotated(qr_head, 0, stride_rc, offs_m, row_in, HEAD_DIM)
     qk_t = tl.dot(k, tl.trans(qa))
-    qb = _query_in(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+    qb = _rotated(qr_head, 1, stride_rc, offs_m, row_in, HEAD_DIM)
     qk_t = tl.where(gap == 1, tl.dot(k, tl.trans(qb)), qk_t)
-    qi = _query_in(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling, qk_scale, DTYPE, HEAD_DIM)
+    qi = _rotated(qr_head, 2, stride_rc, offs_m, row_in, HEAD_DIM)
     qk_t = tl.where(gap >= 2, tl.dot(k, tl.trans(qi)), qk_t)
     visible = (kpos[:, None] <= qpos[None, :]) & kmask[:, None]
     p_t = tl.math.exp2(tl.where(visible, qk_t, float("-inf")) - lse2[None, :])
@@ -115,22 +150,22 @@ def _dkdv_tile_mixed(dk, dv, k, v, q_head, stride_qm, offs_m, row_in, pos_intra,
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, DK, DV, Lse, Delta, QPos, KPos, Cos, Sin,
-    stride_qb, stride_qh, stride_qm,
+    QR, K, V, DO, DK, DV, Lse, Delta, QPos, KPos,
+    stride_rc, stride_rb, stride_rh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_qpb, stride_kpb,
-    Tq, Tk, num_q_heads, num_kv_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale,
+    Tq, Tk, num_q_heads, num_kv_heads, groups, chunk_len,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     t = tl.program_id(0)  # key tile: positions t*BLOCK_N .. t*BLOCK_N + BLOCK_N - 1
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
     hk = pid_bh % num_kv_heads
-    DTYPE = Q.dtype.element_ty
+    DTYPE = QR.dtype.element_ty
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1).to(tl.int32)  # key index of position 0
@@ -151,7 +186,7 @@ def _dkdv_kernel(
         m_hi = tl.cdiv(Tq, BLOCK_M)
         for g in range(0, groups):
             h = hk * groups + g
-            q_head = Q + b * stride_qb + h * stride_qh
+            qr_head = QR + b * stride_rb + h * stride_rh
             do_head = DO + b * stride_dob + h * stride_doh
             row_base = (b * num_q_heads + h) * Tq
             for m in range(m_lo, m_hi):
@@ -161,24 +196,17 @@ def _dkdv_kernel(
                 lse2 = tl.load(Lse + row_base + offs_m, mask=row_in, other=float("inf"))
                 delta = tl.load(Delta + row_base + offs_m, mask=row_in, other=0.0)
                 do = tl.load(do_head + offs_m[:, None] * stride_dom + offs_d[None, :], mask=row_in[:, None], other=0.0)
-                qpos_c = tl.maximum(qpos, 0)
-                qc = qpos_c // chunk_len
-                pos_intra = qpos_c % chunk_len
-                pos_succ = tl.minimum(pos_intra + chunk_len, chunk_size)
-                pos_inter = tl.zeros_like(pos_intra) + chunk_size
+                qc = tl.maximum(qpos, 0) // chunk_len
                 # chunk range of the tile's (non-padding) rows, from the contiguous positions
                 cq_lo = tl.maximum(m * BLOCK_M - qoff, 0) // chunk_len
                 cq_hi = tl.maximum(tl.minimum(m * BLOCK_M + BLOCK_M - 1, Tq - 1) - qoff, 0) // chunk_len
                 gap_lo = cq_lo - ck_hi
                 gap_hi = cq_hi - ck_lo
                 if (gap_lo == gap_hi) | (gap_lo >= 2):
-                    rot_pos = tl.where(gap_lo == 0, pos_intra, tl.where(gap_lo == 1, pos_succ, pos_inter))
-                    dk, dv = _dkdv_tile_uniform(dk, dv, k, v, q_head, stride_qm, offs_m, row_in, rot_pos, Cos, Sin,
-                                                attn_scaling, qk_scale, do, lse2, delta, qpos, kpos, kmask,
-                                                DTYPE, HEAD_DIM)
+                    q = _rotated(qr_head, tl.minimum(tl.maximum(gap_lo, 0), 2), stride_rc, offs_m, row_in, HEAD_DIM)
+                    dk, dv = _dkdv_tile_uniform(dk, dv, k, v, q, do, lse2, delta, qpos, kpos, kmask, DTYPE)
                 else:
-                    dk, dv = _dkdv_tile_mixed(dk, dv, k, v, q_head, stride_qm, offs_m, row_in, pos_intra, pos_succ,
-                                              pos_inter, Cos, Sin, attn_scaling, qk_scale, do, lse2, delta, qpos,
+                    dk, dv = _dkdv_tile_mixed(dk, dv, k, v, qr_head, stride_rc, offs_m, row_in, do, lse2, delta, qpos,
                                               qc, kpos, kmask, chunk_len, DTYPE, HEAD_DIM)
     # the rotated queries carried qk_scale = scale * log2(e); dK needs scale alone
     dk = dk * (1.0 / 1.4426950408889634)
@@ -241,14 +269,14 @@ def _dq_part(dq_lo, dq_hi, ds, pick, k_lo, k_hi, rot_pos, Cos, Sin, DTYPE: tl.co
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, DO, DQ, Lse, Delta, QPos, KPos, Cos, Sin,
-    stride_qb, stride_qh, stride_qm,
+    QR, K, V, DO, DQ, Lse, Delta, QPos, KPos, Cos, Sin,
+    stride_rc, stride_rb, stride_rh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     stride_qpb, stride_kpb,
-    Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, attn_scaling, qk_scale, dq_scale,
+    Tq, Tk, num_q_heads, groups, chunk_len, chunk_size, dq_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     HALF: tl.constexpr = HEAD_DIM // 2
@@ -258,7 +286,7 @@ def _dq_kernel(
     b = (pid_bh // num_q_heads).to(tl.int64)
     h = pid_bh % num_q_heads
     hk = h // groups
-    DTYPE = Q.dtype.element_ty
+    DTYPE = QR.dtype.element_ty
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -271,7 +299,7 @@ def _dq_kernel(
     q_lo = tl.min(tl.where(row_valid, qpos, q_hi), 0)
     koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1).to(tl.int32)
 
-    q_head = Q + b * stride_qb + h * stride_qh
+    qr_head = QR + b * stride_rb + h * stride_rh
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     row_base = pid_bh.to(tl.int64) * Tq
@@ -292,8 +320,7 @@ def _dq_kernel(
         c_hi = q_hi // chunk_len
         inter_end = (tl.maximum(c_lo - 1, 0) * chunk_len) // BLOCK_N  # tiles inside chunks <= c_lo - 2
         if inter_end > 0:
-            q = _query_in(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling, qk_scale, DTYPE,
-                          HEAD_DIM)
+            q = _rotated(qr_head, 2, stride_rc, offs_m, row_in, HEAD_DIM)
             dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, q, pos_inter, do, lse2, delta, qpos, k_base, v_base, stride_kn,
                                      stride_vn, koff, 0, inter_end, Tk, Cos, Sin, offs_n, offs_d, HALF, BLOCK_M,
                                      BLOCK_N)
@@ -303,13 +330,11 @@ def _dq_kernel(
             succ_lo = tl.maximum(c_lo - 1, 0) * tiles_per_chunk
             intra_lo = c_lo * tiles_per_chunk
             if intra_lo > succ_lo:
-                q = _query_in(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling, qk_scale, DTYPE,
-                              HEAD_DIM)
+                q = _rotated(qr_head, 1, stride_rc, offs_m, row_in, HEAD_DIM)
                 dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, q, pos_succ, do, lse2, delta, qpos, k_base, v_base,
                                          stride_kn, stride_vn, koff, succ_lo, intra_lo, Tk, Cos, Sin, offs_n, offs_d,
                                          HALF, BLOCK_M, BLOCK_N)
-            q = _query_in(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling, qk_scale, DTYPE,
-                          HEAD_DIM)
+            q = _rotated(qr_head, 0, stride_rc, offs_m, row_in, HEAD_DIM)
             dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, q, pos_intra, do, lse2, delta, qpos, k_base, v_base, stride_kn,
                                      stride_vn, koff, intra_lo, last_tile, Tk, Cos, Sin, offs_n, offs_d, HALF,
                                      BLOCK_M, BLOCK_N)
@@ -322,14 +347,11 @@ def _dq_kernel(
                 kmask = kidx < Tk
                 k_t = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
                 gap = qc[:, None] - (kpos // chunk_len)[None, :]
-                qa = _query_in(q_head, stride_qm, offs_m, row_in, pos_intra, Cos, Sin, attn_scaling, qk_scale,
-                               DTYPE, HEAD_DIM)
+                qa = _rotated(qr_head, 0, stride_rc, offs_m, row_in, HEAD_DIM)
                 qk = tl.dot(qa, k_t)
-                qb = _query_in(q_head, stride_qm, offs_m, row_in, pos_succ, Cos, Sin, attn_scaling, qk_scale,
-                               DTYPE, HEAD_DIM)
+                qb = _rotated(qr_head, 1, stride_rc, offs_m, row_in, HEAD_DIM)
                 qk = tl.where(gap == 1, tl.dot(qb, k_t), qk)
-                qi = _query_in(q_head, stride_qm, offs_m, row_in, pos_inter, Cos, Sin, attn_scaling, qk_scale,
-                               DTYPE, HEAD_DIM)
+                qi = _rotated(qr_head, 2, stride_rc, offs_m, row_in, HEAD_DIM)
                 qk = tl.where(gap >= 2, tl.dot(qi, k_t), qk)
                 visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
                 p = tl.math.exp2(tl.where(visible, qk, float("-inf")) - lse2[:, None])
@@ -393,36 +415,44 @@ def dca_prefill_backward(
         d_out.stride(0), d_out.stride(1), d_out.stride(2), q_len, q_heads,
         HEAD_DIM=head_dim, BLOCK_M=block_d, num_warps=1 if _INTERPRET else 4,
     )
+    # the three rotations of every query, once (rows past Tq are never read)
+    q_rot = torch.empty(3, batch, q_heads, q_len, head_dim, dtype=query.dtype, device=query.device)
+    rc, rb, rh = q_rot.stride(0), q_rot.stride(1), q_rot.stride(2)
+    _rotate_queries_kernel[(triton.cdiv(q_len, block_d), batch * q_heads)](
+        query, q_rot, query_positions, cos_table, sin_table, query.stride(0), query.stride(1), query.stride(2),
+        rc, rb, rh, query_positions.stride(0), q_len, q_heads, chunk_len, chunk_size, float(attn_scaling),
+        float(scale * LOG2E), HEAD_DIM=head_dim, BLOCK_M=block_d, num_warps=1 if _INTERPRET else 4,
+    )
     dq = torch.empty_like(query)
     dk = torch.zeros_like(key)  # padding keys (negative positions) are never visited: their gradient is 0
     dv = torch.zeros_like(value)
-    common = (float(attn_scaling), float(scale * LOG2E))
+
     def launch_dkdv(config: tuple[int, int, int, int]) -> None:
         bm1, bn1, w1, s1 = config
         _dkdv_kernel[(triton.cdiv(kv_len, bn1), batch * kv_heads)](
-            query, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions, cos_table, sin_table,
-            query.stride(0), query.stride(1), query.stride(2),
+            q_rot, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions,
+            rc, rb, rh,
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             d_out.stride(0), d_out.stride(1), d_out.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             query_positions.stride(0), key_positions.stride(0),
-            q_len, kv_len, q_heads, kv_heads, q_heads // kv_heads, chunk_len, chunk_size, *common,
+            q_len, kv_len, q_heads, kv_heads, q_heads // kv_heads, chunk_len,
             HEAD_DIM=head_dim, BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1,
         )
 
     def launch_dq(config: tuple[int, int, int, int]) -> None:
         bm2, bn2, w2, s2 = config
         _dq_kernel[(triton.cdiv(q_len, bm2), batch * q_heads)](
-            query, key, value, d_out, dq, lse, delta, query_positions, key_positions, cos_table, sin_table,
-            query.stride(0), query.stride(1), query.stride(2),
+            q_rot, key, value, d_out, dq, lse, delta, query_positions, key_positions, cos_table, sin_table,
+            rc, rb, rh,
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
             d_out.stride(0), d_out.stride(1), d_out.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
             query_positions.stride(0), key_positions.stride(0),
-            q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, *common, float(scale * attn_scaling),
+            q_len, kv_len, q_heads, q_heads // kv_heads, chunk_len, chunk_size, float(scale * attn_scaling),
             HEAD_DIM=head_dim, BLOCK_M=bm2, BLOCK_N=bn2, num_warps=w2, num_stages=s2,
         )
 
