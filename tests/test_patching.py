@@ -500,3 +500,31 @@ def test_cuda_model_matches_oracle(family, backend, monkeypatch):
         for _ in range(6):
             seq = torch.cat([seq, dca(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], dim=-1)
     assert torch.equal(out, seq)
+
+
+# --------------------------------------------------------------------------- logit scale (issue 14 variant)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_logit_scale_matches_the_oracle_with_a_scaled_softmax(family, monkeypatch):
+    """``logit_scale`` multiplies every attention logit: the oracle with each module's ``scaling`` times it."""
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH, logit_scale=1.5)
+    oracle = _oracle_model(family, monkeypatch)
+    for module in oracle.modules():
+        if hasattr(module, "scaling") and hasattr(module, "q_proj"):
+            module.scaling = module.scaling * 1.5
+    ids = random_ids(1, max(BOUNDARY_LENGTHS), seed=11)
+    got, expected = _logits(dca, ids), _logits(oracle, ids)
+    assert (got - expected).abs().max().item() <= TOL
+    # the scale changes the answer: the unscaled DCA model is far from it
+    plain_dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH)
+    assert (_logits(plain_dca, ids) - expected).abs().max() > 100 * TOL
+    assert chunkllama.patching.get_logit_scale(dca) == 1.5
+    chunkllama.remove_dca(dca)
+    assert chunkllama.patching.get_logit_scale(dca) is None
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])
+def test_logit_scale_must_be_a_positive_number(bad):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="logit_scale must be a positive finite number"):
+        apply_dca(model, pretraining_length=PRETRAINING_LENGTH, logit_scale=bad)
+    assert not chunkllama.is_dca_applied(model)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 import types
 from typing import Any
 
@@ -64,6 +65,7 @@ class _AttentionPatch:
     backend: LoadedBackend
     original_forward: Any  # the instance-level forward that was there before (usually none)
     kv_cache_dtype: str = "auto"  # "fp8": keys/values stored and read as packed e4m3 rows (attention.fp8)
+    logit_scale: float = 1.0  # multiplies the attention logits (the softmax scale) of every relation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,7 @@ class _ModelPatch:
     # (name, original instance attribute or _MISSING) of the model's methods replaced per instance
     method_swaps: tuple[tuple[str, Any], ...] = ()
     hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _prepare_forward
+    logit_scale: float = 1.0
 
 
 class _Missing:
@@ -244,7 +247,7 @@ def dca_attention_forward(
 
     out = dca_attention(
         query, key, value, step.query, step.keys(key.shape[2]), rope, patch.config,
-        scale=self.scaling, backend=patch.backend,
+        scale=self.scaling * patch.logit_scale, backend=patch.backend,
     )
     out = out.transpose(1, 2).reshape(batch, q_len, -1)
     return self.o_proj(out), None
@@ -403,6 +406,7 @@ def apply_dca(
     backend: str = "auto",
     prefill_chunk_size: int | None = None,
     kv_cache_dtype: str = "auto",
+    logit_scale: float = 1.0,
 ) -> nn.Module:
     """Enable Dual Chunk Attention on this model instance, in place; returns the model.
 
@@ -424,12 +428,17 @@ def apply_dca(
             Triton kernels. Every forward then attends to the quantized keys/values, with or without
             a cache (so perplexity measures it too). Inference only; works with the caches
             ``generate`` builds, no special cache needed.
+        logit_scale: an attention temperature for retrieval studies (issue 14): every attention logit
+            is multiplied by it (the softmax scale becomes ``logit_scale / sqrt(head_dim)``; > 1
+            sharpens the attention over many chunks, as Qwen2.5-1M's length-dependent temperature
+            does). Default 1.0, the paper's DCA. Not written by ``save_pretrained``.
 
     Calling it again replaces the previous DCA settings (applying the same settings twice is the
     same as once). The model's own rope scaling (linear, dynamic NTK, YaRN, llama3) is kept.
     """
     loaded = load_backend(backend)
     check_kv_cache_dtype(kv_cache_dtype)
+    logit_scale = _check_logit_scale(logit_scale)
     config = _resolve_config(model, pretraining_length, chunk_size, local_window)
     prefill = resolve_prefill_chunk_size(config, prefill_chunk_size)
     modules = _attention_modules(model)
@@ -438,7 +447,7 @@ def apply_dca(
     config_swaps = _own_config(model)
     for module, family in modules:
         original = module.__dict__.get("forward", _MISSING)
-        patch = _AttentionPatch(config, family, rotary, loaded, original, kv_cache_dtype)
+        patch = _AttentionPatch(config, family, rotary, loaded, original, kv_cache_dtype, logit_scale)
         object.__setattr__(module, _LAYER_STATE, patch)
         module.forward = types.MethodType(dca_attention_forward, module)
     hook = None
@@ -447,7 +456,8 @@ def apply_dca(
         handle = base.register_forward_pre_hook(functools.partial(_prepare_forward, config.chunk_len), with_kwargs=True)
         hook = (base, handle.id)
     method_swaps = _replace_methods(model)
-    object.__setattr__(model, _MODEL_STATE, _ModelPatch(config, backend, kv_cache_dtype, config_swaps, method_swaps, hook))
+    object.__setattr__(model, _MODEL_STATE,
+                       _ModelPatch(config, backend, kv_cache_dtype, config_swaps, method_swaps, hook, logit_scale))
     enable_chunked_prefill(model, prefill)
     return model
 
@@ -495,6 +505,18 @@ def get_dca_config(model: nn.Module) -> DCAConfig | None:
     """The DCA config this model instance runs with, read back from the patch (None if unpatched)."""
     found = _patched_holder(model)
     return found[1].config if found else None
+
+
+def _check_logit_scale(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"logit_scale must be a positive finite number (1.0 = the paper's DCA), got {value!r}.")
+    return float(value)
+
+
+def get_logit_scale(model: nn.Module) -> float | None:
+    """The attention logit scale this patched instance runs with (1.0 by default); None if unpatched."""
+    found = _patched_holder(model)
+    return found[1].logit_scale if found else None
 
 
 def get_kv_cache_dtype(model: nn.Module) -> str | None:

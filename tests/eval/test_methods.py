@@ -55,6 +55,20 @@ def test_dca_method_recorded_and_removed(tiny_model):
     assert torch.equal(tiny_model(ids).logits, before)
 
 
+def test_dca_logit_scale_option_is_applied_and_recorded(tiny_model):
+    ids = torch.randint(3, 300, (1, 120))
+    with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
+        plain = tiny_model(ids).logits
+        assert record["logit_scale"] == 1.0
+    spec = parse_method("dca:chunk_size=32,local_window=4,logit_scale=1.25")
+    assert spec.option("logit_scale") == 1.25 and spec.label.endswith("logit_scale=1.25)")
+    with method_applied(tiny_model, spec, 512) as record:
+        assert record["logit_scale"] == 1.25
+        assert not torch.allclose(tiny_model(ids).logits, plain)
+    with pytest.raises(ValueError, match="logit_scale='warm' is not float"):
+        parse_method("dca:logit_scale=warm")
+
+
 def test_dca_method_uses_settings_the_config_records(tiny_model):
     """A fine-tuned model's recorded DCA settings are what ``dca`` evaluates with, unless a length is given."""
     from chunkllama import DCAConfig
