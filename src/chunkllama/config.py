@@ -117,3 +117,17 @@ class DCAConfig:
     def write_to_model_config(self, model_config: Any) -> None:
         """Store this config as ``model_config.dual_chunk_attention_config`` (saved by save_pretrained)."""
         setattr(model_config, HF_CONFIG_KEY, self.to_hf_dict())
+
+
+PIECE_CHUNKS = 2  # DCA chunk strides per default prefill piece
+
+
+def default_prefill_chunk_size(config: DCAConfig) -> int:
+    """The default piece size for a model patched with ``config``: two DCA chunk strides, ``2 * chunk_len``.
+
+    E.g. 10240 tokens for Llama-3 (``pretraining_length`` 8192), 5120 for Llama-2 (4096). Why two: at 128k
+    tokens, Llama-3-8B shapes on an H200, prefill in pieces of one / two / four chunk strides ran at
+    0.937 / 0.965 / 0.979 of one-shot prefill's tokens/s (``bench/results/scale.md``); two stay above
+    0.95 while the activations stay bounded by a 10k-token piece.
+    """
+    return PIECE_CHUNKS * config.chunk_len

@@ -51,8 +51,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import DCAConfig
-from .prefill import default_prefill_chunk_size
+from .config import DCAConfig, default_prefill_chunk_size
 
 GIB = 1024**3
 

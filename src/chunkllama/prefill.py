@@ -33,7 +33,7 @@ from typing import Any
 from torch import nn
 
 from .compat import GENERATE_CHUNKS_PREFILL
-from .config import DCAConfig
+from .config import DCAConfig, default_prefill_chunk_size
 
 _STATE = "_chunkllama_prefill"
 _MISSING = object()
@@ -46,20 +46,6 @@ class _PrefillPatch:
 
     chunk_size: int
     original_generate: Any  # an instance-level ``generate`` that was there before, or _MISSING
-
-
-PIECE_CHUNKS = 2  # DCA chunk strides per default prefill piece
-
-
-def default_prefill_chunk_size(config: DCAConfig) -> int:
-    """The default piece size for a model patched with ``config``: two DCA chunk strides, ``2 * chunk_len``.
-
-    E.g. 10240 tokens for Llama-3 (``pretraining_length`` 8192), 5120 for Llama-2 (4096). Why two: at 128k
-    tokens, Llama-3-8B shapes on an H200, prefill in pieces of one / two / four chunk strides ran at
-    0.937 / 0.965 / 0.979 of one-shot prefill's tokens/s (``bench/results/scale.md``); two stay above
-    0.95 while the activations stay bounded by a 10k-token piece.
-    """
-    return PIECE_CHUNKS * config.chunk_len
 
 
 def resolve_prefill_chunk_size(config: DCAConfig, prefill_chunk_size: int | None) -> int | None:
