@@ -269,7 +269,7 @@ def make_plan(
     backend: str = "triton",
 ) -> Plan:
     """Every number of a :class:`Plan`; ``prefill_chunk`` defaults to the patched ``generate``'s piece
-    (:func:`chunkllama.prefill.default_prefill_chunk_size`)."""
+    (:func:`chunkllama.config.default_prefill_chunk_size`)."""
     for name, value in (("dtype", dtype), ("kv_dtype", kv_dtype)):
         if value not in DTYPE_BYTES:
             raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(DTYPE_BYTES)}.")
@@ -357,7 +357,7 @@ def plan(
         gpus: tensor-parallel GPUs (heads and MLP columns split evenly).
         dtype: weights and activations: bf16, fp16 or fp32.
         kv_dtype: KV cache elements: bf16, fp16, fp32 or fp8 (apply_dca(..., kv_cache_dtype="fp8"): e4m3 + a scale per token and head).
-        prefill_chunk: tokens per prefill piece; default: DCA's chunk_len.
+        prefill_chunk: tokens per prefill piece; default: the patched generate's, two DCA chunk_len strides.
         pretraining_length: the model's window for DCA; default: max_position_embeddings.
         attn_implementation: the model's attention setting (sdpa, eager or flash); checked, and no longer changes
             the estimate since the patched model builds no mask.
