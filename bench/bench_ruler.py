@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from chunkllama.eval.commands import parse_lengths  # noqa: E402
+from chunkllama.eval.method_specs import MethodSpec, parse_methods  # noqa: E402
 from chunkllama.eval.report import environment, pivot_table, plot_vs_length  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -59,16 +61,18 @@ def write_tables(rows: list[dict], path: Path, header: list[str]) -> None:
     path.write_text("\n".join(parts) + "\n", encoding="utf-8")
 
 
-def probe(model, tokenizer, essay: str, lengths: list[int], depths: int, seed: int) -> list[dict]:
-    """Attention probe of DCA on niah_single_2 prompts: needle relation and per-layer masses."""
+def probe(model, tokenizer, essay: str, lengths: list[int], depths: int, seed: int,
+          methods: Sequence[MethodSpec | str] = ("dca",)) -> list[dict]:
+    """Attention probe of DCA on niah_single_2 prompts: needle relation and per-layer masses, for each
+    DCA method spec (e.g. ``dca:pretraining_length=4096``)."""
     from chunkllama.eval.dca_probe import probe_attention
     from chunkllama.eval.methods import method_applied
     from chunkllama.eval.ruler_tasks import essay_words, make_ruler_sample
 
     words = essay_words(essay)
     rows = []
-    for length in lengths:
-        with method_applied(model, "dca", length) as record:
+    for method, length in ((m, n) for m in methods for n in lengths):
+        with method_applied(model, method, length) as record:
             for d in range(depths):
                 depth = (d + 0.5) / depths
                 sample = make_ruler_sample(tokenizer, "niah_single_2", length, index=d, seed=seed, depth=depth,
@@ -78,7 +82,8 @@ def probe(model, tokenizer, essay: str, lengths: list[int], depths: int, seed: i
                 report = probe_attention(model, sample.input_ids, needle=(start, end))
                 layers = [vars(layer) for layer in report.layers]
                 rows.append({
-                    "bench": "ruler_probe", "method": "dca", "task": "niah_single_2", "L": length, "depth": depth,
+                    "bench": "ruler_probe", "method": record["label"], "task": "niah_single_2", "L": length,
+                    "depth": depth,
                     "n_tokens": report.n_tokens, "needle": [start, end], "needle_relation": report.needle_relation[0],
                     "chunk_len": report.chunk_len, "chunk_size": report.chunk_size,
                     "inter_mass_mean": sum(x["inter"] for x in layers) / len(layers),
@@ -87,7 +92,7 @@ def probe(model, tokenizer, essay: str, lengths: list[int], depths: int, seed: i
                     "layers": layers, "config": record["dca"],
                 })
                 r = rows[-1]
-                print(f"[probe] L={length:>6} depth={depth:.2f}: needle {r['needle_relation']:>10}, inter mass "
+                print(f"[probe] {r['method']} L={length:>6} depth={depth:.2f}: needle {r['needle_relation']:>10}, inter mass "
                       f"{r['inter_mass_mean']:.3f}, needle mass {r['needle_mass_mean']:.4f} "
                       f"(best head {r['needle_mass_max_layer']:.3f})", flush=True)
     return rows
@@ -110,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="file name tag (default: the device name)")
     ap.add_argument("--probe-lengths", default=None, help="also probe DCA's attention at these lengths")
     ap.add_argument("--probe-depths", type=int, default=5)
+    ap.add_argument("--probe-methods", default="dca",
+                    help="DCA method specs to probe, comma-separated (e.g. dca,dca:pretraining_length=4096)")
     ap.add_argument("--no-grid", action="store_true", help="only the probe")
     args = ap.parse_args(argv)
 
@@ -153,18 +160,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe_lengths:
         from chunkllama.eval.data import essays_text
 
+        probe_methods = parse_methods(args.probe_methods)
+        if any(spec.name != "dca" for spec in probe_methods):
+            raise SystemExit(f"--probe-methods takes DCA specs only; got {args.probe_methods!r}")
         rows = probe(model, tokenizer, essays_text(args.data), parse_lengths(args.probe_lengths), args.probe_depths,
-                     args.seed)
+                     args.seed, probe_methods)
         path = out / f"ruler_probe_{tag}.json"
         old = json.loads(path.read_text())["rows"] if path.is_file() else []
-        merged = merge_rows(old, rows, key=("L", "depth"))
+        merged = merge_rows(old, rows, key=("method", "L", "depth"))
         path.write_text(json.dumps({"command": command, "environment": env, "rows": merged}, indent=2,
                                    default=str) + "\n")
         md = ["# Where DCA's attention goes (niah_single_2, last prompt token)", "", f"`{command}`", "",
-              "| L | depth | needle relation | inter mass | needle mass | best head on needle |", "|---|---|---|---|---|---|"]
-        for r in sorted(merged, key=lambda r: (r["L"], r["depth"])):
-            md.append(f"| {r['L']} | {r['depth']:.2f} | {r['needle_relation']} | {r['inter_mass_mean']:.3f} | "
-                      f"{r['needle_mass_mean']:.4f} | {r['needle_mass_max_layer']:.3f} |")
+              "Masses are means over layers of the head-averaged attention probability of the prompt's last token; "
+              "'best head on needle' is the largest single head's mass on the needle in any layer.", "",
+              "| method | L | depth | needle relation | inter mass | needle mass | best head on needle |",
+              "|---|---|---|---|---|---|---|"]
+        for r in sorted(merged, key=lambda r: (r["method"], r["L"], r["depth"])):
+            md.append(f"| {r['method']} | {r['L']} | {r['depth']:.2f} | {r['needle_relation']} | "
+                      f"{r['inter_mass_mean']:.3f} | {r['needle_mass_mean']:.4f} | {r['needle_mass_max_layer']:.3f} |")
         path.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
         outputs += [path, path.with_suffix(".md")]
     if os.environ.get("OUT"):
