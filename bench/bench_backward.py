@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -68,13 +69,19 @@ def peak_gib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
-def run_speed(T: int, rows: list, info: dict) -> None:
-    rope, config = make_rope(), DCAConfig(PRETRAINING)
+def speed_inputs(T: int) -> tuple:
+    """Random bf16 leaves ``q (1, HQ, T, D)``, ``k``/``v (1, HK, T, D)`` that require grad, a cotangent
+    ``d_out`` like ``q`` (seeded by ``T``), and positions ``0..T-1`` ``(1, T)``."""
     gen = torch.Generator(device="cuda").manual_seed(T)
     q, k, v = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
                for h in (HQ, HK, HK))
     d_out = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    positions = torch.arange(T, device="cuda")[None]
+    return q, k, v, d_out, torch.arange(T, device="cuda")[None]
+
+
+def run_speed(T: int, rows: list, info: dict) -> None:
+    rope, config = make_rope(), DCAConfig(PRETRAINING)
+    q, k, v, d_out, positions = speed_inputs(T)
     scale = D**-0.5
 
     def dca():
@@ -107,17 +114,11 @@ BWD_CONFIGS = ["64,64,8,2", "64,64,4,2", "64,64,4,3", "128,64,8,2", "64,128,8,2"
 
 
 def tune_backward(T: int, rows: list, info: dict) -> None:
-    """Time the backward (forward + backward minus forward) of each (dK/dV config, dQ config) candidate —
-    ``BLOCK_M,BLOCK_N,warps,stages`` through ``CHUNKLLAMA_BWD_DKDV_CONFIG`` / ``CHUNKLLAMA_BWD_DQ_CONFIG`` —
-    one kernel at a time (the other at its default), and print the best of each."""
-    import os
-
+    """Time forward + backward for each tiling candidate (``BLOCK_M,BLOCK_N,warps,stages``) of the dK/dV and
+    the dQ kernel through ``CHUNKLLAMA_BWD_DKDV_CONFIG`` / ``CHUNKLLAMA_BWD_DQ_CONFIG``, one kernel at a time
+    (the other at its default), and record the best of each."""
     rope, config = make_rope(), DCAConfig(PRETRAINING)
-    gen = torch.Generator(device="cuda").manual_seed(T)
-    q, k, v = (torch.randn(1, h, T, D, device="cuda", dtype=torch.bfloat16, generator=gen).requires_grad_(True)
-               for h in (HQ, HK, HK))
-    d_out = torch.randn(1, HQ, T, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-    positions = torch.arange(T, device="cuda")[None]
+    q, k, v, d_out, positions = speed_inputs(T)
 
     def step():
         dca_attention(q, k, v, positions, positions, rope, config, D**-0.5, backend="triton").backward(d_out)

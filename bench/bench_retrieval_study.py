@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,7 +57,7 @@ if str(ROOT / "src") not in sys.path:
 from chunkllama.eval.commands import parse_lengths  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_info import git_commit, slug  # noqa: E402
+from run_info import copy_to_out, git_commit, slug  # noqa: E402
 
 DEFAULT_METHODS = "dca,dca:pretraining_length=4096,dca:pretraining_length=6144,dca:pretraining_length=2048,ntk,yarn"
 BASELINES = ("dca", "yarn", "ntk")
@@ -400,9 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[study] goal {g['method']:>28}: passkey {g['passkey']}, ppl {g['ppl']}, RULER {g['ruler']} -> "
               f"{g['verdict']}", flush=True)
     print(f"[study] wrote {path} and {md}", flush=True)
-    if os.environ.get("OUT"):
-        for p in outputs:
-            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    copy_to_out(outputs)
     return 0
 
 

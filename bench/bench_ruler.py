@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -41,7 +39,7 @@ from chunkllama.eval.method_specs import MethodSpec, parse_methods  # noqa: E402
 from chunkllama.eval.report import environment, pivot_table, plot_vs_length  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_info import git_commit, slug  # noqa: E402
+from run_info import copy_to_out, git_commit, slug  # noqa: E402
 
 
 def merge_rows(old: list[dict], new: list[dict], key: tuple[str, ...] = ("method", "task", "L")) -> list[dict]:
@@ -180,9 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['inter_mass_mean']:.3f} | {r['needle_mass_mean']:.4f} | {r['needle_mass_max_layer']:.3f} |")
         path.with_suffix(".md").write_text("\n".join(md) + "\n", encoding="utf-8")
         outputs += [path, path.with_suffix(".md")]
-    if os.environ.get("OUT"):
-        for p in outputs:
-            shutil.copy(p, Path(os.environ["OUT"]) / p.name)
+    copy_to_out(outputs)
     return 0
 
 

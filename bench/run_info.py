@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,3 +23,10 @@ def git_commit() -> str | None:
 def slug(text: str) -> str:
     """``text`` as a lower-case file-name part: runs of other characters become ``-``, at most 40 long."""
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()[:40]
+
+
+def copy_to_out(paths) -> None:
+    """Copy result files into ``$OUT`` when set (the GPU machine's folder that comes back)."""
+    if os.environ.get("OUT"):
+        for p in paths:
+            shutil.copy(p, Path(os.environ["OUT"]) / Path(p).name)
