@@ -109,7 +109,7 @@ def rotate_keys(
     """
     loaded = load_backend(backend)
     # With gradients the kernel's backward is the transpose rotation (the same kernel at -positions).
-    if loaded.rope_kernel is not None and _triton_unsupported_reason(key, key, key, loaded) is None:
+    if loaded.rope_kernel is not None and loaded.kernels.rope_unsupported_reason(key) is None:
         return loaded.rope_kernel.rotate_at(key, positions, rope.inv_freq, rope.attention_scaling)
     return apply_rope(key, rope, positions)
 

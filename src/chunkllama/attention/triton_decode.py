@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from .triton_fp8 import _load_kv, check_kv, kernel_kv
+from .triton_launch import CachedLaunch
 from .triton_prefill import LOG2E, tuning_override
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -78,7 +79,7 @@ def _weighted_values(p, v, DTYPE: tl.constexpr, PSPLIT: tl.constexpr):
     return pv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Tk"])  # the cache grows by a token per step: one compiled kernel for all lengths
 def _dca_decode_split_kernel(
     Q, K, V, KS, VS, OPart, LPart, QPos, KPos, InvFreq,
     stride_qb, stride_qh, stride_qm,
@@ -218,6 +219,10 @@ def _dca_decode_merge_kernel(
              out.to(Out.dtype.element_ty))
 
 
+_SPLIT_PASS = CachedLaunch(_dca_decode_split_kernel)
+_MERGE_PASS = CachedLaunch(_dca_decode_merge_kernel)
+
+
 @functools.lru_cache(maxsize=None)
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -276,15 +281,15 @@ def _launch(
     sq, so = query.stride(), out.stride()
     groups = q_heads // kv_heads
     k, v, ks, vs, skb, skh, skn, svb, svh, svn, fp8 = kernel_kv(key, value)
-    _dca_decode_split_kernel[(batch * kv_heads, splits)](
-        query, k, v, ks, vs, o_part, l_part, query_positions, key_positions, inv_freq,
+    _SPLIT_PASS.launch(
+        (batch * kv_heads, splits), query, k, v, ks, vs, o_part, l_part, query_positions, key_positions, inv_freq,
         sq[0], sq[1], sq[2], skb, skh, skn, svb, svh, svn,
         q_len, kv_len, kv_heads, groups, chunk_len, chunk_size, float(attn_scaling), float(scale * LOG2E),
         splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, QSPLIT=query_split(),
         PSPLIT=weight_split(), FP8=fp8, num_warps=warps, num_stages=stages,
     )
-    _dca_decode_merge_kernel[(batch * kv_heads, groups * q_len)](
-        o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,
+    _MERGE_PASS.launch(
+        (batch * kv_heads, groups * q_len), o_part, l_part, out, query_positions, so[0], so[1], so[2], q_len, kv_heads, groups,
         splits, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_S=16 if _INTERPRET else 32, num_warps=1 if _INTERPRET else 4,
     )
     return out

@@ -13,6 +13,7 @@ every call (one device sync per call).
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -29,31 +30,58 @@ from .triton_prefill_backward import dca_prefill_trainable
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
-DECODE_MAX_ROWS = 64
+# Pieces of at most this many packed query rows (``groups * Tq`` rounded up to a power of two, at least 16:
+# one new token for up to 16 query heads per KV head) go to the split-K decode kernel, more to the prefill
+# kernel. The decode kernel at 64 rows (a 20-token piece of SmolLM2, 3 heads per KV head, after a
+# 32k-token cache) hit an illegal memory access on the H200 (triton 3.6, 2026-12-03, inside
+# `chunkllama serve`), while the CPU interpreter computes the same shape exactly; 32 rows was never run
+# on a GPU. Only the 16-row kernel has been run there (generate, serving, GPU tests), so it alone is used.
+DECODE_MAX_ROWS = 16
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+@functools.lru_cache(maxsize=None)
+def decode_max_rows() -> int:
+    """Most packed query rows (``groups * Tq``, rounded up to a power of two) sent to the decode kernel;
+    more go to the prefill kernel. ``CHUNKLLAMA_DECODE_MAX_ROWS`` (16, 32 or 64) overrides
+    :data:`DECODE_MAX_ROWS`, e.g. to test the larger decode tiles on a GPU."""
+    value = os.environ.get("CHUNKLLAMA_DECODE_MAX_ROWS", str(DECODE_MAX_ROWS))
+    if value not in ("16", "32", "64"):
+        raise ValueError(f"CHUNKLLAMA_DECODE_MAX_ROWS={value!r}: use 16, 32 or 64 (the decode kernel's row tiles)")
+    return int(value)
 
 
+@functools.lru_cache(maxsize=None)
 def _triton_version() -> tuple[int, int]:
     major, minor = triton.__version__.split(".")[:2]
     return int(major), int(minor)
 
 
-def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take these ``(B, H, T, D)`` tensors; None when they can."""
-    device = query.device
-    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+def _device_reason(device: torch.device) -> str | None:
+    if device.type == "cuda":
+        return None
+    if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"tensors are on {device.type} (the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU)"
-    if device.type == "cpu" and _triton_version() < (3, 9):
+    if _triton_version() < (3, 9):
         # triton 3.6's interpreter returns reductions as 1-element arrays that range() rejects.
         return f"the interpreter of triton {triton.__version__} cannot run these kernels (needs >= 3.9)"
+    return None
+
+
+def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> str | None:
+    """Why the Triton kernels cannot take these ``(B, H, T, D)`` tensors; None when they can.
+
+    Asked once per layer and token while decoding, so the common case (CUDA, bf16/fp16, same dtype)
+    is decided in a few attribute reads."""
+    device = query.device
+    reason = _device_reason(device)
+    if reason is not None:
+        return reason
     if key.device != device or value.device != device:
         return "query, key and value are on different devices"
-    packed = is_packed(key) and is_packed(value)
-    if query.dtype not in SUPPORTED_DTYPES or not (packed or key.dtype == value.dtype == query.dtype):
-        return (f"dtype {query.dtype}/{key.dtype}/{value.dtype} (supported: float16 or bfloat16, all the same, "
+    dtype = query.dtype
+    packed = key.dtype == torch.uint8 and value.dtype == torch.uint8
+    if dtype not in SUPPORTED_DTYPES or not (packed or key.dtype == value.dtype == dtype):
+        return (f"dtype {dtype}/{key.dtype}/{value.dtype} (supported: float16 or bfloat16, all the same, "
                 "or packed FP8 keys and values)")
     head_dim = query.shape[-1]
     row = packed_width(head_dim) if packed else head_dim
@@ -63,6 +91,17 @@ def unsupported_reason(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         return f"more queries ({query.shape[2]}) than keys ({key.shape[2]})"
     if key.shape[2] == 0:
         return "no keys"
+    return None
+
+
+def rope_unsupported_reason(key: torch.Tensor) -> str | None:
+    """Why :func:`.triton_rope.rotate_at` cannot rotate ``key`` ``(B, H, T, D)``; None when it can (the
+    kernel is bit for bit :func:`chunkllama.rope.apply_rope`, so which one runs never changes a result)."""
+    reason = _device_reason(key.device)
+    if reason is not None:
+        return reason
+    if key.dtype not in SUPPORTED_DTYPES or key.shape[-1] not in SUPPORTED_HEAD_DIMS or key.stride(-1) != 1:
+        return f"dtype {key.dtype}, head_dim {key.shape[-1]} (supported: float16 or bfloat16, 64 or 128, contiguous)"
     return None
 
 
@@ -126,7 +165,7 @@ def launch(
     if needs_grad(query, key, value):
         return dca_prefill_trainable(*args)
     rows = decode_rows(query.shape[1], key.shape[1], query.shape[2])
-    if rows <= DECODE_MAX_ROWS:
+    if rows <= decode_max_rows():
         return dca_decode(*args)
     if is_packed(key):
         # The decode kernel reads packed FP8 rows; a prefill piece reads the layer's cache dequantized to the
@@ -138,4 +177,4 @@ def launch(
     return dca_prefill(*args)
 
 
-__all__ = ["unsupported_reason", "launch", "dca_prefill", "dca_prefill_trainable", "dca_decode", "quantize_pair"]
+__all__ = ["unsupported_reason", "rope_unsupported_reason", "launch", "dca_prefill", "dca_prefill_trainable", "dca_decode", "quantize_pair"]

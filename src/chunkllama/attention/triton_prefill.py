@@ -174,7 +174,9 @@ def _diagonal_phase(acc, l_i, m_i, q, q_err, k_base, v_base, stride_kn, stride_v
     return acc, l_i, m_i
 
 
-@triton.jit
+# Lengths (and the position tensors' row strides, which equal them) change with every request; left
+# specialized, each new combination of "divisible by 16" would compile the kernel again (tens of seconds).
+@triton.jit(do_not_specialize=["stride_qpb", "stride_kpb", "Tq", "Tk"])
 def _dca_prefill_kernel(
     Q, K, V, Out, QLo, Lse, QPos, KPos, Cos, Sin,
     stride_qb, stride_qh, stride_qm,

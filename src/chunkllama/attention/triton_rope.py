@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .autograd import needs_grad
+from .triton_launch import CachedLaunch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
@@ -134,6 +135,9 @@ def _block_t(head_dim: int) -> int:
     return 16 if _INTERPRET else max(1, 4096 // head_dim)
 
 
+_ROPE_AT = CachedLaunch(_rope_at_kernel)
+
+
 def _rope_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, attn_scaling: float) -> torch.Tensor:
     """Body of :func:`rotate_at` (checked inputs), as a custom op so ``torch.compile`` keeps it in the graph."""
     batch, heads, length, head_dim = x.shape
@@ -141,8 +145,8 @@ def _rope_at(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, a
     sx, so = x.stride(), out.stride()
     pos_batch_stride = 0 if positions.shape[0] == 1 else positions.stride(0)
     block_t = _block_t(head_dim)
-    _rope_at_kernel[(triton.cdiv(length, block_t), batch * heads)](
-        x, positions, inv_freq, out,
+    _ROPE_AT.launch(
+        (triton.cdiv(length, block_t), batch * heads), x, positions, inv_freq, out,
         sx[0], sx[1], sx[2], pos_batch_stride, so[0], so[1], so[2],
         length, heads, float(attn_scaling),
         HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=1 if _INTERPRET else 4, **_EXACT,
