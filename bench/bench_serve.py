@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_client import environment, server_metrics, start_server, stop_server, stream_chat, write_results  # noqa: E402
+from serve_client import dump_server_stacks, environment, server_metrics, start_server, stop_server, stream_chat, write_results  # noqa: E402
 
 QUESTIONS = ("In two sentences, what happens in this text?", "Which people are named in this text?")
 
@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         progress("phase 3: follow-ups, prefix cache on")
         follow = concurrently(client, model, follow_convs, args.max_tokens)
         metrics_cached = server_metrics(base)
+    except BaseException:
+        dump_server_stacks(proc)  # a stuck run leaves the server's stacks in its log
+        raise
     finally:
         stop_server(proc)
     progress("phase 4: follow-ups on a server without the prefix cache")
@@ -156,11 +159,17 @@ def main(argv: list[str] | None = None) -> int:
         client = client_for(base)
         stream_chat(client, model, [{"role": "user", "content": "Hi"}], 2)
         follow_nocache = concurrently(client, model, follow_convs, args.max_tokens)
+    except BaseException:
+        dump_server_stacks(proc)
+        raise
     finally:
         stop_server(proc)
     progress("done")
 
     errors = [r["error"] for r in [single, *first, *follow, *follow_nocache] if r["error"]]
+    if errors:  # no numbers from a run with failed requests: say what failed (the server logs say why)
+        print(f"{len(errors)} requests failed; first: {errors[0]}\nserver logs: {logs}", file=sys.stderr)
+        return 1
 
     def med(values):
         values = [v for v in values if v is not None]
@@ -217,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
   running streams' decode steps), so the last of {args.clients} cold documents waits for the others' prefill.
 """
     write_results(args.out, "serve", results, markdown)
-    return 0 if not errors else 1
+    return 0
 
 
 if __name__ == "__main__":

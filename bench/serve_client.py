@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -46,8 +47,15 @@ def start_server(args: list[str], log_path: Path, timeout: float = 900.0) -> tup
     raise RuntimeError(f"server did not start within {timeout:.0f}s; log:\n{log_path.read_text()[-3000:]}")
 
 
+def dump_server_stacks(proc: subprocess.Popen) -> None:
+    """Ask a running ``chunkllama serve`` to print its threads' stacks into its log (SIGUSR1)."""
+    if proc.poll() is None and hasattr(signal, "SIGUSR1"):
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+
+
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(2)
+    proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:

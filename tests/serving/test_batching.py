@@ -13,7 +13,7 @@ from transformers import DynamicCache
 
 from chunkllama import apply_dca
 from chunkllama.serving.batching import (
-    BatchedEngine, ContextTooLong, Delta, Failed, Finished, Progress, QueueFull,
+    BatchedEngine, ContextTooLong, Delta, EngineStopped, Failed, Finished, Progress, QueueFull,
 )
 from chunkllama.serving.prefix_cache import PrefixCache
 from chunkllama.serving.sampling import SamplingParams
@@ -238,3 +238,46 @@ def test_needs_dca(tokenizer):
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)
     with pytest.raises(ValueError, match="apply_dca"):
         BatchedEngine(transformers.AutoModelForCausalLM.from_config(config), tokenizer)
+
+
+def test_device_error_stops_the_engine_and_fails_every_request(model, tokenizer, monkeypatch):
+    """An error that leaves the device unusable (CUDA: illegal memory access) fails every request at once,
+    and later ones are refused with the reason, instead of clients waiting on a dead worker."""
+    eng = BatchedEngine(model, tokenizer, max_batch=2, max_queue=8, prefill_chunk=16, eos_token_ids=()).start()
+    calls = {"n": 0}
+    forward = eng._forward
+
+    def failing_forward(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return forward(*args)
+
+    monkeypatch.setattr(eng, "_forward", failing_forward)
+    try:
+        collectors = [run(eng, prompt(40, seed=s), 20) for s in (1, 2, 3)]  # the third waits in the queue
+        finals = [c.final for c in collectors]
+        assert all(isinstance(f, Failed) and "illegal memory access" in f.message for f in finals), finals
+        assert "illegal memory access" in eng.failure
+        with pytest.raises(EngineStopped, match="fatal error"):
+            run(eng, prompt(10, seed=4), 2)
+        assert eng.metrics()["failed"] == 3
+    finally:
+        eng.stop(timeout=2)
+
+
+def test_an_error_seeding_one_request_fails_that_request_only(engine, model, monkeypatch):
+    bad = prompt(30, seed=21)
+    lookup = engine.prefix_cache.lookup
+
+    def lookup_or_fail(tokens, limit):
+        if list(tokens) == bad:
+            raise ValueError("broken entry")
+        return lookup(tokens, limit)
+
+    monkeypatch.setattr(engine.prefix_cache, "lookup", lookup_or_fail)
+    engine.prefix_cache.budget_bytes = 1 << 20  # lookups happen only with a budget
+    failed, good = run(engine, bad, 5), run(engine, prompt(35, seed=22), 6)
+    assert isinstance(failed.final, Failed) and "broken entry" in failed.final.message
+    assert list(good.final.token_ids) == greedy_alone(model, prompt(35, seed=22), 6)
+    assert engine.failure is None

@@ -126,6 +126,19 @@ def ask_chat(client, model, stream, **kwargs):
     return list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
 
 
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGUSR1"), reason="POSIX signal")
+def test_sigusr1_writes_every_threads_stack_and_the_server_goes_on(server, client):
+    import signal
+
+    server["proc"].send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while "_serve_loop" not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server["log"].read_text()  # the engine thread's stack is among them
+    assert "_serve_loop" in log and ("Thread 0x" in log or "Current thread" in log), log[-2000:]
+    assert ask_chat(client, server["model"], stream=False).choices[0].message.content
+
+
 def test_models_and_health(server, client):
     models = client.models.list()
     assert [m.id for m in models.data] == [server["model"]]
@@ -267,3 +280,31 @@ def test_graceful_shutdown(server):
     code = stop_server(server["proc"])
     assert code == 0, server["log"].read_text()[-2000:]
     assert "engine stopped" in server["log"].read_text()
+
+
+def test_health_reports_an_engine_stopped_by_a_device_error(tmp_path, tokenizer, monkeypatch):
+    """In process (the error is injected): after a fatal device error the stream ends with an error,
+    /health answers 503 with the reason, and new requests get 503 instead of waiting forever."""
+    import transformers
+    from fastapi.testclient import TestClient
+
+    from chunkllama import apply_dca
+    from chunkllama.serving.batching import BatchedEngine
+    from chunkllama.serving.server import create_app
+
+    model = apply_dca(transformers.AutoModelForCausalLM.from_pretrained(save_tiny_model(tmp_path, tokenizer)).eval())
+    engine = BatchedEngine(model, tokenizer, max_batch=2, max_context=MAX_CONTEXT, eos_token_ids=())
+
+    def lost(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine, "_forward", lost)
+    body = {"model": "tiny", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 4}
+    with TestClient(create_app(engine, model_name="tiny")) as client:
+        assert client.get("/health").status_code == 200
+        first = client.post("/v1/chat/completions", json=body)
+        assert first.status_code == 500 and "illegal memory access" in first.json()["error"]["message"]
+        health = client.get("/health")
+        assert health.status_code == 503 and "illegal memory access" in health.json()["error"]
+        again = client.post("/v1/chat/completions", json=body)
+        assert again.status_code == 503 and "restart the server" in again.json()["error"]["message"]

@@ -106,7 +106,17 @@ class ContextTooLong(ValueError):
 
 
 class EngineStopped(RuntimeError):
-    """The engine is shutting down and takes no new requests (HTTP 503)."""
+    """The engine is shutting down, or stopped after a fatal error, and takes no new requests (HTTP 503)."""
+
+
+def _device_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the device unusable for every later step (an illegal memory access, a
+    device-side assert): CUDA reports such errors again on every call, so serving cannot go on."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("illegal memory access", "device-side assert", "unspecified launch failure"))
 
 
 # --- sequences -----------------------------------------------------------------------------------
@@ -219,10 +229,17 @@ class BatchedEngine:
         self._started_at = time.monotonic()
         self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=256)  # (time, tokens) per step
         self._stopping = False
+        self._failure: str | None = None
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
 
     # --- public API (any thread) -----------------------------------------------------------
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine stopped serving (an error that left the device unusable), or None while it serves."""
+        with self._lock:
+            return self._failure
 
     def start(self) -> BatchedEngine:
         """Start the worker thread (idempotent); returns self."""
@@ -239,7 +256,7 @@ class BatchedEngine:
         Raises:
             ContextTooLong: ``len(prompt_ids) >= max_context``.
             QueueFull: ``max_queue`` requests are already waiting.
-            EngineStopped: :meth:`stop` was called.
+            EngineStopped: :meth:`stop` was called, or the engine stopped after a fatal error.
         """
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
@@ -255,6 +272,8 @@ class BatchedEngine:
             tokens=list(prompt),
         )
         with self._lock:
+            if self._failure is not None:
+                raise EngineStopped(f"the engine stopped after a fatal error ({self._failure}); restart the server")
             if self._stopping:
                 raise EngineStopped("the server is shutting down")
             free_slots = max(0, self.max_batch - len(self._active) - len(self._prefilling))
@@ -308,6 +327,26 @@ class BatchedEngine:
     # --- worker -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._serve_loop()
+        except BaseException as exc:  # noqa: BLE001 - whatever ends the loop must not leave clients waiting
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The worker cannot go on: fail every request (they get a :class:`Failed` event) and refuse new ones."""
+        log.error("engine stopped after a fatal error", exc_info=exc)
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        with self._lock:
+            self._failure, self._stopping = reason, True
+            seqs = [*self._waiting, *self._prefilling, *self._active]
+            for seq in seqs:
+                self._remove(seq)
+                self._stats.failed += 1
+            self._batch_cache, self._batch_rows = None, []
+        for seq in seqs:
+            _emit(seq, Failed(f"the engine stopped after a fatal error ({reason}); restart the server"))
+
+    def _serve_loop(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._lock:
@@ -325,7 +364,8 @@ class BatchedEngine:
                 tick = time.monotonic()
                 if pending:
                     group = self._prefill_group(pending)
-                    self._guarded(group, self._prefill, group)
+                    if group:
+                        self._guarded(group, self._prefill, group)
                 with self._lock:
                     rows = list(self._active)
                 if rows:
@@ -333,11 +373,14 @@ class BatchedEngine:
                 with self._lock:
                     self._stats.busy_s += time.monotonic() - tick
 
-    def _guarded(self, seqs: list[_Sequence], step: Callable[[Any], None], arg: Any) -> None:
-        """Run one step; on an exception fail exactly the sequences involved and keep serving."""
+    def _guarded(self, seqs: list[_Sequence], step: Callable[[Any], Any], arg: Any) -> Any:
+        """Run one step; on an exception fail exactly the sequences involved and keep serving (None
+        returned), unless the error left the device unusable: then it propagates and stops the engine."""
         try:
-            step(arg)
+            return step(arg)
         except Exception as exc:  # noqa: BLE001 - one bad step must not take the server down
+            if _device_lost(exc):
+                raise
             log.exception("engine step failed for %s", [s.handle.request_id for s in seqs])
             with self._lock:
                 if any(seq in self._batch_rows for seq in seqs):  # a decode step: the batch cache is suspect
@@ -387,7 +430,10 @@ class BatchedEngine:
         tokens (many short prompts arriving together are read in one forward)."""
         for seq in pending:
             if seq.cache is None:
-                self._open(seq)
+                self._guarded([seq], self._open, seq)  # a failure fails this request alone
+        pending = [seq for seq in pending if seq.cache is not None]
+        if not pending:
+            return []
         head = pending[0]
         if not self._fresh_and_short(head):
             return [head]

@@ -17,8 +17,11 @@ stream, which cancels the request in the engine and frees its batch slot at the 
 
 import asyncio
 import contextlib
+import faulthandler
 import json
 import logging
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, AsyncIterator
@@ -277,7 +280,10 @@ def create_app(engine: "BatchedEngine", *, model_name: str, api_key: str | None 
         return ModelList(data=[ModelCard(id=model_name, created=created, max_context=engine.max_context)])
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Any:
+        failure = engine.failure
+        if failure is not None:  # the engine stopped (e.g. the GPU reported an illegal memory access)
+            return JSONResponse({"status": "error", "model": model_name, "error": failure}, status_code=503)
         return {"status": "ok", "model": model_name}
 
     @app.get("/metrics", dependencies=guarded)
@@ -330,6 +336,16 @@ def document_text(filename: str, data: bytes) -> str:
             raise APIError(400, str(exc).replace(str(path), filename), param="body", code="bad_document") from None
 
 
+def _dump_stacks_on_sigusr1() -> None:
+    """``kill -USR1 <pid>``: every thread's Python stack to the process's stderr (where a stuck server is)."""
+    if not hasattr(signal, "SIGUSR1"):
+        return
+    try:
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)
+    except (AttributeError, ValueError, OSError):  # no real stderr file (e.g. an embedding host): no dumps
+        pass
+
+
 def serve(
     *,
     model: str | None = None,
@@ -353,7 +369,8 @@ def serve(
     /v1/completions (streaming or not), GET /v1/models, /health, /metrics, and a page at / for
     chatting with a pasted or uploaded document (PDF or text). Concurrent requests decode together
     in one batch; a document sent again is served from the prefix cache instead of prefilled again.
-    Ctrl-C lets running answers finish for a few seconds, then stops.
+    Ctrl-C lets running answers finish for a few seconds, then stops. On POSIX, ``kill -USR1 <pid>``
+    prints every thread's Python stack to stderr (to see where a stuck server is) and keeps serving.
 
     Args:
         model: hub id, model or LoRA adapter directory, or .gguf file; default:
@@ -384,6 +401,7 @@ def serve(
     from .batching import BatchedEngine
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _dump_stacks_on_sigusr1()
     if threads:
         import torch
 
