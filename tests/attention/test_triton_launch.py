@@ -99,6 +99,13 @@ def test_argument_key_classes():
     assert argument_key((True,)) != argument_key((1,))
     assert argument_key((2.0,)) == argument_key((3.0,))
     assert argument_key((None,)) != argument_key((0,))
+    assert argument_key((2**31 - 1,)) != argument_key((2**31 + 1,))  # int32 vs int64
+    assert argument_key((2**40,)) != argument_key((2**40 + 1,)) != argument_key((2**63 + 1,))
+    assert argument_key((-3,)) == argument_key((5,)) and argument_key((-16,)) == argument_key((32,))
+    base = torch.zeros(8, dtype=torch.float16)
+    assert argument_key((base,)) == argument_key((torch.nn.Parameter(base.clone()),))
+    assert argument_key((base,)) != argument_key((base[1:],))  # 2-byte offset: not 16-byte aligned
+    assert argument_key((base,)) != argument_key((base.float(),))
 
 
 @pytest.mark.parametrize("env", [("CHUNKLLAMA_FAST_LAUNCH", "0"), ("TRITON_INTERPRET", "1")])
