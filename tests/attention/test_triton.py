@@ -420,3 +420,13 @@ def test_gpu_decode_kernel_with_32_and_64_rows(q_len):
     assert proc.returncode == 0, proc.stderr[-2000:]
     err = float(proc.stdout.split("MAXERR")[-1])
     assert err < 0.02, err
+
+
+def test_decode_max_rows_setting_is_checked():
+    pytest.importorskip("triton")
+    from chunkllama.attention.triton_dispatch import DECODE_MAX_ROWS, _decode_max_rows
+
+    assert DECODE_MAX_ROWS == 16 or os.environ.get("CHUNKLLAMA_DECODE_MAX_ROWS")
+    assert _decode_max_rows("64") == 64
+    with pytest.raises(ValueError, match="16, 32 or 64"):
+        _decode_max_rows("128")

@@ -30,24 +30,21 @@ from .triton_prefill_backward import dca_prefill_trainable
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+def _decode_max_rows(value: str) -> int:
+    if value not in ("16", "32", "64"):
+        raise ValueError(f"CHUNKLLAMA_DECODE_MAX_ROWS={value!r}: use 16, 32 or 64 (the decode kernel's row tiles)")
+    return int(value)
+
+
 # Pieces of at most this many packed query rows (``groups * Tq`` rounded up to a power of two, at least 16:
 # one new token for up to 16 query heads per KV head) go to the split-K decode kernel, more to the prefill
 # kernel. The decode kernel at 64 rows (a 20-token piece of SmolLM2, 3 heads per KV head, after a
 # 32k-token cache) hit an illegal memory access on the H200 (triton 3.6, 2026-12-03, inside
-# `chunkllama serve`), while the CPU interpreter computes the same shape exactly; 32 rows was never run
-# on a GPU. Only the 16-row kernel has been run there (generate, serving, GPU tests), so it alone is used.
-DECODE_MAX_ROWS = 16
-
-
-@functools.lru_cache(maxsize=None)
-def decode_max_rows() -> int:
-    """Most packed query rows (``groups * Tq``, rounded up to a power of two) sent to the decode kernel;
-    more go to the prefill kernel. ``CHUNKLLAMA_DECODE_MAX_ROWS`` (16, 32 or 64) overrides
-    :data:`DECODE_MAX_ROWS`, e.g. to test the larger decode tiles on a GPU."""
-    value = os.environ.get("CHUNKLLAMA_DECODE_MAX_ROWS", str(DECODE_MAX_ROWS))
-    if value not in ("16", "32", "64"):
-        raise ValueError(f"CHUNKLLAMA_DECODE_MAX_ROWS={value!r}: use 16, 32 or 64 (the decode kernel's row tiles)")
-    return int(value)
+# `chunkllama serve`), while the CPU interpreter computes the same shape exactly; no GPU test or bench
+# recorded here ran the 32-row tile either, only the 16-row one (generate, serving, the GPU tests).
+# ``CHUNKLLAMA_DECODE_MAX_ROWS=32`` or ``64`` (read once, at import) sends larger pieces to the decode
+# kernel again, e.g. to test its larger tiles on a GPU.
+DECODE_MAX_ROWS = _decode_max_rows(os.environ.get("CHUNKLLAMA_DECODE_MAX_ROWS", "16"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -165,7 +162,7 @@ def launch(
     if needs_grad(query, key, value):
         return dca_prefill_trainable(*args)
     rows = decode_rows(query.shape[1], key.shape[1], query.shape[2])
-    if rows <= decode_max_rows():
+    if rows <= DECODE_MAX_ROWS:
         return dca_decode(*args)
     if is_packed(key):
         # The decode kernel reads packed FP8 rows; a prefill piece reads the layer's cache dequantized to the
