@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_client import dump_server_stacks, environment, server_metrics, start_server, stop_server, stream_chat, write_results  # noqa: E402
+from serve_client import environment, running_server, server_metrics, stream_chat, write_results  # noqa: E402
 
 QUESTIONS = ("In two sentences, what happens in this text?", "Which people are named in this text?")
 
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=args.request_timeout)
 
     progress(f"{len(docs)} documents of {args.doc_tokens} tokens; starting the server (log: {logs / 'server.log'})")
-    proc, base = start_server(base_args + ["--prefix-cache-gb", str(args.prefix_cache_gb)], logs / "server.log")
-    try:
+    with running_server(base_args + ["--prefix-cache-gb", str(args.prefix_cache_gb)], logs / "server.log") as base:
         client = client_for(base)
         model = client.models.list().data[0].id
         progress(f"server up at {base}; warm-up request")
@@ -148,22 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         progress("phase 3: follow-ups, prefix cache on")
         follow = concurrently(client, model, follow_convs, args.max_tokens)
         metrics_cached = server_metrics(base)
-    except BaseException:
-        dump_server_stacks(proc)  # a stuck run leaves the server's stacks in its log
-        raise
-    finally:
-        stop_server(proc)
     progress("phase 4: follow-ups on a server without the prefix cache")
-    proc, base = start_server(base_args + ["--prefix-cache-gb", "0"], logs / "server_nocache.log")
-    try:
+    with running_server(base_args + ["--prefix-cache-gb", "0"], logs / "server_nocache.log") as base:
         client = client_for(base)
         stream_chat(client, model, [{"role": "user", "content": "Hi"}], 2)
         follow_nocache = concurrently(client, model, follow_convs, args.max_tokens)
-    except BaseException:
-        dump_server_stacks(proc)
-        raise
-    finally:
-        stop_server(proc)
     progress("done")
 
     errors = [r["error"] for r in [single, *first, *follow, *follow_nocache] if r["error"]]

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_client import environment, server_metrics, start_server, stop_server, stream_chat, write_results  # noqa: E402
+from serve_client import environment, running_server, server_metrics, stream_chat, write_results  # noqa: E402
 
 TOPICS = ["the moon", "bread", "rivers", "chess", "bees", "volcanoes", "libraries", "trains", "tea", "glaciers",
           "violins", "owls", "deserts", "bridges", "coral reefs", "clocks"]
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         server_args += ["--model", args.model]
     if args.threads:
         server_args += ["--threads", str(args.threads)]
-    proc, base = start_server(server_args, Path(tempfile.mkdtemp(prefix="bench-serve-load-")) / "server.log")
-    try:
+    with running_server(server_args, Path(tempfile.mkdtemp(prefix="bench-serve-load-")) / "server.log") as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=args.timeout)
         model = client.models.list().data[0].id
         requests = [[{"role": "user", "content": f"Write two sentences about {topic}."}] for topic in TOPICS[: args.clients]]
@@ -68,8 +67,6 @@ def main(argv: list[str] | None = None) -> int:
 
         alone = [stream_chat(client, model, messages, args.max_tokens) for messages in requests]
         sequential_wall = sum(r["total_s"] for r in alone)
-    finally:
-        stop_server(proc)
 
     errors = [r["error"] for r in results + alone if r["error"]]
     equal = [a["text"] == b["text"] for a, b in zip(results, alone)]

@@ -3,6 +3,7 @@ port, stream one chat request with the official ``openai`` client and time it, w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -13,7 +14,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +53,20 @@ def dump_server_stacks(proc: subprocess.Popen) -> None:
     if proc.poll() is None and hasattr(signal, "SIGUSR1"):
         proc.send_signal(signal.SIGUSR1)
         time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def running_server(args: list[str], log_path: Path) -> Iterator[str]:
+    """:func:`start_server` for a ``with`` block, yielding the base URL; the server is stopped at the end,
+    and when the block raises (a failed or interrupted run) it first writes its threads' stacks to its log."""
+    proc, base = start_server(args, log_path)
+    try:
+        yield base
+    except BaseException:
+        dump_server_stacks(proc)
+        raise
+    finally:
+        stop_server(proc)
 
 
 def stop_server(proc: subprocess.Popen) -> None:

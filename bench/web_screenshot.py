@@ -24,7 +24,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests" / "serving"))  # the browser driver of the web test
-from serve_client import start_server, stop_server  # noqa: E402
+from serve_client import running_server  # noqa: E402
 
 ASCII = {"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'", "\u2014": "--", "\u2013": "-"}
 
@@ -61,14 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="web-screenshot-"))
     document = args.file or book_pdf(args.data, work / "the_leavenworth_case.pdf", args.characters)
     server_args = (["--model", args.model] if args.model else []) + (["--threads", str(args.threads)] if args.threads else [])
-    proc, base = start_server(server_args, work / "server.log")
-    try:
+    with running_server(server_args, work / "server.log") as base:
         questions = args.question or ["What is the name of the law firm where the narrator works?",
                                       "Who has died, according to the young man?"]
         page = drive(base + "/", document, questions, args.out, max_tokens=args.max_tokens, timeout=1500,
                      answer_prefix=args.answer_prefix)
-    finally:
-        stop_server(proc)
     print(page["stats"], "|", page["answer"], "|", page["footer"], page["errors"] or "")
     return 0 if page["answer"] else 1
 

@@ -55,7 +55,7 @@ class FakeKernel:
 def fast(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv("CHUNKLLAMA_FAST_LAUNCH", raising=False)
-    monkeypatch.setattr(triton_launch, "_release", lambda: triton_launch.CHECKED_RELEASES[-1])
+    monkeypatch.setattr(triton_launch, "triton_release", lambda: triton_launch.CHECKED_RELEASES[-1])
     monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda device: 1234, raising=False)
     monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
     return monkeypatch
@@ -119,13 +119,13 @@ def test_switched_off_every_launch_goes_through_triton(fast, env):
 
 
 def test_unchecked_release_and_set_hooks_go_through_triton(fast):
-    fast.setattr(triton_launch, "_release", lambda: (2, 0))
+    fast.setattr(triton_launch, "triton_release", lambda: (2, 0))
     kernel = FakeKernel()
     launcher = CachedLaunch(kernel)
     for _ in range(2):
         launcher.launch((1,), torch.zeros(4), 5, 0.5, BLOCK=16, FLAG=False)
     assert len(kernel.jit_calls) == 2
-    fast.setattr(triton_launch, "_release", lambda: triton_launch.CHECKED_RELEASES[-1])
+    fast.setattr(triton_launch, "triton_release", lambda: triton_launch.CHECKED_RELEASES[-1])
     fast.setattr(triton_launch, "_hooks_set", lambda: True)  # a profiler's launch hook
     launcher = CachedLaunch(kernel)
     for _ in range(2):

@@ -13,7 +13,6 @@ every call (one device sync per call).
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -24,12 +23,15 @@ from ..rope import RotaryParams
 from .autograd import needs_grad
 from .fp8 import is_packed, packed_width
 from .triton_fp8 import dequantize, quantize_pair
+from .triton_launch import triton_release
 from .triton_decode import dca_decode, decode_rows
 from .triton_prefill import dca_prefill
 from .triton_prefill_backward import dca_prefill_trainable
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+
+
 def _decode_max_rows(value: str) -> int:
     if value not in ("16", "32", "64"):
         raise ValueError(f"CHUNKLLAMA_DECODE_MAX_ROWS={value!r}: use 16, 32 or 64 (the decode kernel's row tiles)")
@@ -47,18 +49,12 @@ def _decode_max_rows(value: str) -> int:
 DECODE_MAX_ROWS = _decode_max_rows(os.environ.get("CHUNKLLAMA_DECODE_MAX_ROWS", "16"))
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_version() -> tuple[int, int]:
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
-
-
 def _device_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         return None
     if device.type != "cpu" or os.environ.get("TRITON_INTERPRET", "0") != "1":
         return f"tensors are on {device.type} (the kernels need CUDA, or TRITON_INTERPRET=1 on the CPU)"
-    if _triton_version() < (3, 9):
+    if triton_release() < (3, 9):
         # triton 3.6's interpreter returns reductions as 1-element arrays that range() rejects.
         return f"the interpreter of triton {triton.__version__} cannot run these kernels (needs >= 3.9)"
     return None

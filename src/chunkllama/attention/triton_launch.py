@@ -25,6 +25,7 @@ object, like Triton's own cache lives on the ``JITFunction``: it changes no resu
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -40,7 +41,9 @@ _I32 = 1 << 31
 _U64 = 1 << 63
 
 
-def _release() -> tuple[int, int]:
+@functools.lru_cache(maxsize=None)
+def triton_release() -> tuple[int, int]:
+    """(major, minor) of the installed Triton."""
     major, minor = triton.__version__.split(".")[:2]
     return int(major), int(minor)
 
@@ -49,7 +52,7 @@ def fast_launch_enabled() -> bool:
     """Whether :class:`CachedLaunch` may bypass ``JITFunction.run`` in this process."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("CHUNKLLAMA_FAST_LAUNCH", "1") == "0":
         return False
-    return _release() in CHECKED_RELEASES
+    return triton_release() in CHECKED_RELEASES
 
 
 def _hook_set(hook: Any) -> bool:
@@ -144,4 +147,4 @@ class CachedLaunch:
         return tuple(p.name for p in rest)
 
 
-__all__ = ["CHECKED_RELEASES", "CachedLaunch", "argument_key", "fast_launch_enabled"]
+__all__ = ["CHECKED_RELEASES", "CachedLaunch", "argument_key", "fast_launch_enabled", "triton_release"]

@@ -339,12 +339,18 @@ class BatchedEngine:
         with self._lock:
             self._failure, self._stopping = reason, True
             seqs = [*self._waiting, *self._prefilling, *self._active]
+        self._fail(seqs, f"the engine stopped after a fatal error ({reason}); restart the server")
+
+    def _fail(self, seqs: list[_Sequence], message: str) -> None:
+        """Remove ``seqs`` (dropping the batch cache if it holds any of them) and send each a :class:`Failed`."""
+        with self._lock:
+            if any(seq in self._batch_rows for seq in seqs):  # the batch cache is suspect
+                self._batch_cache, self._batch_rows = None, []
             for seq in seqs:
                 self._remove(seq)
                 self._stats.failed += 1
-            self._batch_cache, self._batch_rows = None, []
         for seq in seqs:
-            _emit(seq, Failed(f"the engine stopped after a fatal error ({reason}); restart the server"))
+            _emit(seq, Failed(message))
 
     def _serve_loop(self) -> None:
         with torch.inference_mode():
@@ -373,23 +379,16 @@ class BatchedEngine:
                 with self._lock:
                     self._stats.busy_s += time.monotonic() - tick
 
-    def _guarded(self, seqs: list[_Sequence], step: Callable[[Any], Any], arg: Any) -> Any:
-        """Run one step; on an exception fail exactly the sequences involved and keep serving (None
-        returned), unless the error left the device unusable: then it propagates and stops the engine."""
+    def _guarded(self, seqs: list[_Sequence], step: Callable[[Any], None], arg: Any) -> None:
+        """Run one step; on an exception fail exactly the sequences involved and keep serving, unless the
+        error left the device unusable: then it propagates and stops the engine."""
         try:
-            return step(arg)
+            step(arg)
         except Exception as exc:  # noqa: BLE001 - one bad step must not take the server down
             if _device_lost(exc):
                 raise
             log.exception("engine step failed for %s", [s.handle.request_id for s in seqs])
-            with self._lock:
-                if any(seq in self._batch_rows for seq in seqs):  # a decode step: the batch cache is suspect
-                    self._batch_cache, self._batch_rows = None, []
-                for seq in seqs:
-                    self._remove(seq)
-                    self._stats.failed += 1
-            for seq in seqs:
-                _emit(seq, Failed(f"{type(exc).__name__}: {exc}"))
+            self._fail(seqs, f"{type(exc).__name__}: {exc}")
 
     def _drop_cancelled(self) -> None:
         """(lock held) Remove cancelled sequences wherever they are; they get a final ``abort`` event."""
