@@ -371,6 +371,8 @@ def serve(
     in one batch; a document sent again is served from the prefix cache instead of prefilled again.
     Ctrl-C lets running answers finish for a few seconds, then stops. On POSIX, ``kill -USR1 <pid>``
     prints every thread's Python stack to stderr (to see where a stuck server is) and keeps serving.
+    An error that leaves the GPU unusable (an illegal memory access, a device-side assert) fails every
+    request with its reason; /health and new requests then answer 503 until the server is restarted.
 
     Args:
         model: hub id, model or LoRA adapter directory, or .gguf file; default:
