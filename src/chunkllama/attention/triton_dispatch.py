@@ -42,8 +42,9 @@ def _decode_max_rows(value: str) -> int:
 # one new token for up to 16 query heads per KV head) go to the split-K decode kernel, more to the prefill
 # kernel. The decode kernel at 64 rows (a 20-token piece of SmolLM2, 3 heads per KV head, after a
 # 32k-token cache) hit an illegal memory access on the H200 (triton 3.6, 2026-12-03, inside
-# `chunkllama serve`), while the CPU interpreter computes the same shape exactly; no GPU test or bench
-# recorded here ran the 32-row tile either, only the 16-row one (generate, serving, the GPU tests).
+# `chunkllama serve`), while the CPU interpreter computes the same shape exactly. A later direct GPU test
+# (`test_gpu_decode_kernel_with_32_and_64_rows`) faulted again at 64 rows and passed at 32; the default
+# stays at 16, the only tile that generate, serving and the benches have run.
 # ``CHUNKLLAMA_DECODE_MAX_ROWS=32`` or ``64`` (read once, at import) sends larger pieces to the decode
 # kernel again, e.g. to test its larger tiles on a GPU.
 DECODE_MAX_ROWS = _decode_max_rows(os.environ.get("CHUNKLLAMA_DECODE_MAX_ROWS", "16"))
