@@ -117,6 +117,7 @@ def oracle_attention(
     upcast: bool = True,
     angle_dtype: torch.dtype = torch.float32,
     return_lse: bool = False,
+    row_scale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Dense DCA attention.
 
@@ -133,6 +134,8 @@ def oracle_attention(
             :func:`brute_force_attention_row`.
         return_lse: also return the log-sum-exp of the scaled scores, ``(B, Hq, Tq)`` float64
             (``-inf`` for rows that see no key).
+        row_scale: optional ``(B, Tq)`` factors multiplying each query row's scores (a per-query
+            temperature).
     Returns:
         ``(B, Hq, Tq, Dv)`` in ``query.dtype``; rows that see no key are 0.
     """
@@ -153,6 +156,8 @@ def oracle_attention(
     q_pairs = query.to(work)[:, :, :, None, :]  # (B, Hq, Tq, 1, D)
     q_rot = rotate(q_pairs, q_cos[:, None].to(work), q_sin[:, None].to(work))  # (B, Hq, Tq, Tk, D)
     scores = torch.einsum("bhqkd,bhkd->bhqk", q_rot, k_rot) * scale  # (B, Hq, Tq, Tk)
+    if row_scale is not None:
+        scores = scores * row_scale[:, None, :, None].to(scores.dtype)
 
     visible = relation_codes(q_pos, k_pos, chunk_len)[:, None] != CODES[MASKED]
     scores = scores.to(torch.float64 if upcast else torch.float32).masked_fill(~visible, float("-inf"))
@@ -182,14 +187,22 @@ def plain_causal_attention(
 
 
 # ----------------------------------------------------------------------------- model-level oracle
-def oracle_attention_forward(module: torch.nn.Module, rotary: torch.nn.Module, chunk_len: int, chunk_size: int):
+def logn_row_scale(pos: torch.Tensor, coef: float, base: int) -> torch.Tensor:
+    """``max(1, 1 + coef * ln((p + 1) / base))`` per position, element by element in Python floats."""
+    values = [[max(1.0, 1.0 + coef * math.log((max(p, 0) + 1) / base)) for p in row] for row in pos.tolist()]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def oracle_attention_forward(module: torch.nn.Module, rotary: torch.nn.Module, chunk_len: int, chunk_size: int,
+                             logn: tuple[float, int] | None = None):
     """A replacement ``forward`` for one HF attention module computing DCA with :func:`oracle_attention`.
 
     q/k/v come from the module's own projections (and Qwen3's per-head ``q_norm``/``k_norm``
     before RoPE); the rotation uses ``rotary.inv_freq`` and ``rotary.attention_scaling`` as they
     are at call time (dynamic NTK updates them from the true positions just before the layers
     run). No KV cache: use it for full forward passes only. Positions come from
-    ``position_ids`` (negative = padding); pass them explicitly for padded batches.
+    ``position_ids`` (negative = padding); pass them explicitly for padded batches. ``logn``:
+    ``(coef, base)`` of a per-query temperature (:func:`logn_row_scale`).
     """
 
     def forward(hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, cache=None, **kwargs):
@@ -209,20 +222,23 @@ def oracle_attention_forward(module: torch.nn.Module, rotary: torch.nn.Module, c
         out = oracle_attention(
             q, k, v, pos, pos, rotary.inv_freq, chunk_len, chunk_size,
             scale=module.scaling, attention_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+            row_scale=None if logn is None else logn_row_scale(pos, *logn),
         )
         return module.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None
 
     return forward
 
 
-def install_oracle(model: torch.nn.Module, monkeypatch, chunk_len: int, chunk_size: int) -> None:
+def install_oracle(model: torch.nn.Module, monkeypatch, chunk_len: int, chunk_size: int,
+                   logn: tuple[float, int] | None = None) -> None:
     """Monkeypatch every attention module of ``model`` with :func:`oracle_attention_forward`."""
     rotaries = [m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
     assert len(rotaries) == 1
     modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
     assert modules
     for module in modules:
-        monkeypatch.setattr(module, "forward", oracle_attention_forward(module, rotaries[0], chunk_len, chunk_size), raising=False)
+        monkeypatch.setattr(module, "forward", oracle_attention_forward(module, rotaries[0], chunk_len, chunk_size, logn),
+                            raising=False)
 
 
 def brute_force_attention_row(q_vec, keys, values, pq, k_positions, inv_freq, chunk_len, chunk_size, scale, attention_scaling=1.0):

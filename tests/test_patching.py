@@ -522,6 +522,47 @@ def test_logit_scale_matches_the_oracle_with_a_scaled_softmax(family, monkeypatc
     assert chunkllama.patching.get_logit_scale(dca) is None
 
 
+# --------------------------------------------------------------------------- log-n temperature (issue 14 variant)
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_logn_scale_matches_the_oracle_with_per_row_temperatures(family, monkeypatch):
+    """``logn_scale``: query row ``p`` has its logits times ``max(1, 1 + c ln((p+1)/base))``."""
+    logn = (0.5, 24)
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH, logn_scale=logn[0], logn_base=logn[1])
+    oracle = make_model(family)
+    install_oracle(oracle, monkeypatch, CHUNK_LEN, CHUNK_SIZE, logn=logn)
+    ids = random_ids(2, max(BOUNDARY_LENGTHS), seed=12)
+    expected = _logits(oracle, ids)
+    assert (_logits(dca, ids) - expected).abs().max().item() <= TOL
+    # positions below the base are untouched, later ones are not
+    plain = _logits(apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH), ids)
+    assert (plain[:, :23] - expected[:, :23]).abs().max().item() <= TOL
+    assert (plain[:, 60:] - expected[:, 60:]).abs().max().item() > 100 * TOL
+    assert chunkllama.patching.get_logn_scaling(dca) == logn
+    remove_dca(dca)
+    assert chunkllama.patching.get_logn_scaling(dca) is None
+
+
+def test_logn_scale_defaults_to_the_dca_window_and_zero_is_off():
+    model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH, logn_scale=0.1)
+    assert chunkllama.patching.get_logn_scaling(model) == (0.1, PRETRAINING_LENGTH)
+    apply_dca(model, pretraining_length=PRETRAINING_LENGTH, logn_scale=0, logn_base=8)
+    assert chunkllama.patching.get_logn_scaling(model) is None
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(logn_scale=-0.1), "logn_scale must be a finite number >= 0"),
+    (dict(logn_scale=float("nan")), "logn_scale must be a finite number >= 0"),
+    (dict(logn_scale="0.1"), "logn_scale must be a finite number >= 0"),
+    (dict(logn_scale=0.1, logn_base=0), "logn_base must be a positive number of tokens"),
+    (dict(logn_scale=0.1, logn_base=8.5), "logn_base must be a positive number of tokens"),
+])
+def test_logn_options_are_checked(kwargs, match):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=match):
+        apply_dca(model, pretraining_length=PRETRAINING_LENGTH, **kwargs)
+    assert not chunkllama.is_dca_applied(model)
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "2"])
 def test_logit_scale_must_be_a_positive_number(bad):
     model = make_model("llama")

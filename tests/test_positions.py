@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import itertools
 
 import pytest
@@ -158,3 +159,15 @@ def test_step_positions_with_a_device_side_cache_length():
     assert as_int.keys(9).tolist() == [[-2, -1, 0, 1, 2, 3, 4, 5, 6], list(range(9))]
     step = P.step_positions(None, 2, 2, torch.tensor(7), chunk_len=4, device=cpu)
     assert step.query.tolist() == [[7, 8], [7, 8]] and step.key_rotation.tolist() == [[3, 0], [3, 0]]
+
+
+def test_logn_query_factors_are_one_below_the_base_and_grow_with_the_log():
+    from chunkllama.positions import logn_query_factors
+
+    pos = torch.tensor([[-1, 0, 7, 8, 31, 63]])
+    got = logn_query_factors(pos, 0.5, 8)
+    expected = [max(1.0, 1.0 + 0.5 * math.log((max(p, 0) + 1) / 8)) for p in pos[0].tolist()]
+    assert got.dtype == torch.float32 and got.shape == (1, 6)
+    assert got[0].tolist() == pytest.approx(expected, rel=1e-6)
+    assert got[0, :4].tolist() == [1.0, 1.0, 1.0, pytest.approx(1 + 0.5 * math.log(9 / 8))]
+    assert torch.equal(logn_query_factors(pos, 0.0, 8), torch.ones(1, 6))

@@ -27,7 +27,7 @@ from .attention.fp8 import check_kv_cache_dtype
 from .compat import cached_length, pick_cache, stored_dtype, update_cache
 from .config import DCAConfig
 from .prefill import disable_chunked_prefill, enable_chunked_prefill, resolve_prefill_chunk_size
-from .positions import step_positions
+from .positions import logn_query_factors, step_positions
 from .rope import RotaryParams
 
 
@@ -66,6 +66,7 @@ class _AttentionPatch:
     original_forward: Any  # the instance-level forward that was there before (usually none)
     kv_cache_dtype: str = "auto"  # "fp8": keys/values stored and read as packed e4m3 rows (attention.fp8)
     logit_scale: float = 1.0  # multiplies the attention logits (the softmax scale) of every relation
+    logn: tuple[float, int] | None = None  # (coef, base) of the per-query log-n temperature, None = off
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +82,7 @@ class _ModelPatch:
     method_swaps: tuple[tuple[str, Any], ...] = ()
     hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _prepare_forward
     logit_scale: float = 1.0
+    logn: tuple[float, int] | None = None
 
 
 class _Missing:
@@ -244,6 +246,10 @@ def dca_attention_forward(
             raise ValueError(FP8_CACHE_ERROR.format(type(cache).__name__, stored_dtype(cache, self.layer_idx)))
     if cache is not None:
         key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
+    if patch.logn is not None:
+        # scaling a query row scales all its logits (every relation's rotation is linear in the query)
+        factors = logn_query_factors(step.query, *patch.logn)[:, None, :, None]
+        query = (query.float() * factors).to(query.dtype)
 
     out = dca_attention(
         query, key, value, step.query, step.keys(key.shape[2]), rope, patch.config,
@@ -407,6 +413,8 @@ def apply_dca(
     prefill_chunk_size: int | None = None,
     kv_cache_dtype: str = "auto",
     logit_scale: float = 1.0,
+    logn_scale: float = 0.0,
+    logn_base: int | None = None,
 ) -> nn.Module:
     """Enable Dual Chunk Attention on this model instance, in place; returns the model.
 
@@ -432,6 +440,13 @@ def apply_dca(
             is multiplied by it (the softmax scale becomes ``logit_scale / sqrt(head_dim)``; > 1
             sharpens the attention over many chunks, as Qwen2.5-1M's length-dependent temperature
             does). Default 1.0, the paper's DCA. Not written by ``save_pretrained``.
+        logn_scale: a per-query attention temperature for retrieval studies (issue 14): the logits of
+            the query at position ``p`` are multiplied by ``max(1, 1 + logn_scale * ln((p + 1) /
+            logn_base))`` (on top of ``logit_scale``), so tokens inside the first ``logn_base``
+            positions are unchanged and later ones attend more sharply. Causal: cached generation
+            gives what a full forward gives. Default 0.0 (off, the paper's DCA).
+        logn_base: where the temperature starts; default the DCA ``pretraining_length``. Not
+            written by ``save_pretrained`` (neither is ``logn_scale``).
 
     Calling it again replaces the previous DCA settings (applying the same settings twice is the
     same as once). The model's own rope scaling (linear, dynamic NTK, YaRN, llama3) is kept.
@@ -440,6 +455,7 @@ def apply_dca(
     check_kv_cache_dtype(kv_cache_dtype)
     logit_scale = _check_logit_scale(logit_scale)
     config = _resolve_config(model, pretraining_length, chunk_size, local_window)
+    logn = _check_logn(logn_scale, logn_base, config.pretraining_length)
     prefill = resolve_prefill_chunk_size(config, prefill_chunk_size)
     modules = _attention_modules(model)
     rotary = _find_rotary(model)
@@ -447,7 +463,7 @@ def apply_dca(
     config_swaps = _own_config(model)
     for module, family in modules:
         original = module.__dict__.get("forward", _MISSING)
-        patch = _AttentionPatch(config, family, rotary, loaded, original, kv_cache_dtype, logit_scale)
+        patch = _AttentionPatch(config, family, rotary, loaded, original, kv_cache_dtype, logit_scale, logn)
         object.__setattr__(module, _LAYER_STATE, patch)
         module.forward = types.MethodType(dca_attention_forward, module)
     hook = None
@@ -457,7 +473,8 @@ def apply_dca(
         hook = (base, handle.id)
     method_swaps = _replace_methods(model)
     object.__setattr__(model, _MODEL_STATE,
-                       _ModelPatch(config, backend, kv_cache_dtype, config_swaps, method_swaps, hook, logit_scale))
+                       _ModelPatch(config, backend, kv_cache_dtype, config_swaps, method_swaps, hook, logit_scale,
+                                   logn))
     enable_chunked_prefill(model, prefill)
     return model
 
@@ -511,6 +528,22 @@ def _check_logit_scale(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"logit_scale must be a positive finite number (1.0 = the paper's DCA), got {value!r}.")
     return float(value)
+
+
+def _check_logn(coef: Any, base: Any, default_base: int) -> tuple[float, int] | None:
+    if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+        raise ValueError(f"logn_scale must be a finite number >= 0 (0 = off, the paper's DCA), got {coef!r}.")
+    if base is not None and (isinstance(base, bool) or not isinstance(base, int) or base < 1):
+        raise ValueError(f"logn_base must be a positive number of tokens (default: pretraining_length), got {base!r}.")
+    if coef == 0:
+        return None
+    return float(coef), int(base if base is not None else default_base)
+
+
+def get_logn_scaling(model: nn.Module) -> tuple[float, int] | None:
+    """``(logn_scale, logn_base)`` of this patched instance, None when off or unpatched."""
+    found = _patched_holder(model)
+    return found[1].logn if found else None
 
 
 def get_logit_scale(model: nn.Module) -> float | None:

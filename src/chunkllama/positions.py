@@ -192,3 +192,22 @@ def step_positions(
     offsets = row_offsets(position_ids, batch_size, q_len, past + q_len)
     query = positions_from_offsets(offsets, past, q_len)
     return StepPositions(query, offsets, key_rope_positions(query.clamp(min=0), chunk_len))
+
+
+def logn_query_factors(query_positions: torch.Tensor, coef: float, base: int) -> torch.Tensor:
+    """Per-query attention temperature ``max(1, 1 + coef * ln((p + 1) / base))`` (issue 14's ``logn`` variant).
+
+    A query at position ``p`` multiplies all its attention logits by this factor: 1 inside the first
+    ``base`` positions, growing with the log of the position beyond them (Qwen's log-n attention; the
+    length-dependent temperature of Qwen2.5-1M, taken per position so that it is causal: a cached
+    decode step sees the factor a full forward gives the same token).
+
+    Args:
+        query_positions: int ``(B, Tq)`` position ids; negative (padding) gets 1.
+        coef: the slope (0 = no scaling).
+        base: positions below it keep factor 1.
+    Returns:
+        float32 ``(B, Tq)``.
+    """
+    tokens = (query_positions.clamp(min=0) + 1).to(torch.float32)
+    return (1.0 + coef * torch.log(tokens / float(base))).clamp(min=1.0)

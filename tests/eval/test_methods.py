@@ -69,6 +69,21 @@ def test_dca_logit_scale_option_is_applied_and_recorded(tiny_model):
         parse_method("dca:logit_scale=warm")
 
 
+def test_dca_logn_options_are_applied_and_recorded(tiny_model):
+    ids = torch.randint(3, 300, (1, 120))
+    with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
+        plain = tiny_model(ids).logits
+        assert record["logn"] is None
+    spec = parse_method("dca:chunk_size=32,local_window=4,logn_scale=0.3,logn_base=40")
+    with method_applied(tiny_model, spec, 512) as record:
+        assert record["logn"] == (0.3, 40)
+        out = tiny_model(ids).logits
+        torch.testing.assert_close(out[:, :39], plain[:, :39])  # positions below the base: factor 1
+        assert not torch.allclose(out[:, 60:], plain[:, 60:])
+    with pytest.raises(ValueError, match="logn_base='8k' is not int"):
+        parse_method("dca:logn_base=8k")
+
+
 def test_dca_method_uses_settings_the_config_records(tiny_model):
     """A fine-tuned model's recorded DCA settings are what ``dca`` evaluates with, unless a length is given."""
     from chunkllama import DCAConfig

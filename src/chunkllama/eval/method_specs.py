@@ -20,7 +20,8 @@ def kv_cache_dtype(text: str) -> str:
 
 
 _DCA_OPTIONS = {"chunk_size": int, "local_window": int, "backend": str, "pretraining_length": int,
-                "kv_cache_dtype": kv_cache_dtype, "logit_scale": float}
+                "kv_cache_dtype": kv_cache_dtype, "logit_scale": float, "logn_scale": float,
+                "logn_base": int}
 _ROPE_OPTIONS = {"factor": float}
 ACCEPTED = ", ".join(METHOD_NAMES) + ", comma-separated; options like dca:chunk_size=4096,local_window=512"
 

@@ -9,7 +9,9 @@
   method is then plain RoPE, and the record says so).
 - ``dca``: :func:`chunkllama.apply_dca` with its options (``chunk_size``, ``local_window``,
   ``backend``, ``kv_cache_dtype``: ``dca:kv_cache_dtype=fp8`` evaluates with the FP8 KV cache;
-  ``logit_scale``: an attention temperature, ``dca:pretraining_length=4096,logit_scale=1.2``).
+  ``logit_scale``: an attention temperature, ``dca:pretraining_length=4096,logit_scale=1.2``;
+  ``logn_scale`` / ``logn_base``: a per-query temperature growing with the log of the position,
+  ``dca:pretraining_length=4096,logn_scale=0.1,logn_base=8192``).
   Without any length given, a model whose config records ``dual_chunk_attention_config`` (saved
   by ``chunkllama finetune``) is evaluated with those settings.
 
@@ -30,7 +32,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from ..config import DCAConfig
-from ..patching import apply_dca, get_dca_config, get_kv_cache_dtype, get_logit_scale, remove_dca
+from ..patching import apply_dca, get_dca_config, get_kv_cache_dtype, get_logit_scale, get_logn_scaling, remove_dca
 from .method_specs import METHOD_NAMES, MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
 
 ROPE_TYPES = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
@@ -77,7 +79,8 @@ def read_back(model: nn.Module) -> dict[str, Any]:
             "attention_scaling": float(getattr(rotary, "attention_scaling", 1.0)),
         },
         "dca": dca.to_dict() if dca is not None else None,
-        **({"kv_cache_dtype": get_kv_cache_dtype(model), "logit_scale": get_logit_scale(model)} if dca is not None else {}),
+        **({"kv_cache_dtype": get_kv_cache_dtype(model), "logit_scale": get_logit_scale(model),
+            "logn": get_logn_scaling(model)} if dca is not None else {}),
     }
 
 
@@ -162,6 +165,8 @@ def apply_method(
             backend=spec.option("backend", "auto"),
             kv_cache_dtype=spec.option("kv_cache_dtype", "auto"),
             logit_scale=spec.option("logit_scale", 1.0),
+            logn_scale=spec.option("logn_scale", 0.0),
+            logn_base=spec.option("logn_base"),
         )
     applied.record = {
         "method": spec.name,
