@@ -89,3 +89,14 @@ def test_compiled_prefill_and_dynamic_cache_decode_equal_eager():
     eager = _decode_step(model, "dynamic", model)
     compiled = _decode_step(model, "dynamic", _compiled(model))
     assert (compiled - eager).abs().max().item() <= TOL
+
+
+def test_compiled_decode_with_the_logn_temperature_equals_eager():
+    """The per-query temperature (issue 14's ``logn_scale``) stays inside one graph."""
+    model = apply_dca(make_model("llama", num_hidden_layers=1), pretraining_length=PRETRAINING_LENGTH,
+                      logn_scale=0.5, logn_base=16)
+    plain = apply_dca(make_model("llama", num_hidden_layers=1), pretraining_length=PRETRAINING_LENGTH)
+    eager = _decode_step(model, "static", model)
+    compiled = _decode_step(model, "static", _compiled(model))
+    assert (compiled - eager).abs().max().item() <= TOL
+    assert (_decode_step(plain, "static", plain) - eager).abs().max().item() > 100 * TOL  # the option is on
