@@ -64,6 +64,22 @@ def test_logn_temperature_is_causal_cached_generation_equals_recomputation():
     assert torch.equal(seq, result.sequences)
 
 
+def test_layer_windows_cached_generation_equals_recomputation():
+    """A layer with its own window keeps keys rotated at its own chunk_len in the shared cache."""
+    model = apply_dca(make_model("qwen3"), pretraining_length=PRETRAINING_LENGTH, layer_windows={0: 16})
+    ids, mask = left_padded([random_ids(1, PROMPT, seed=25)[0], random_ids(1, PROMPT - 5, seed=26)[0]])
+    result = _generate(model, ids, attention_mask=mask)
+    seq, seq_mask = ids, mask
+    for step in range(NEW):
+        positions = (seq_mask.cumsum(-1) - 1).masked_fill(seq_mask == 0, 1)
+        logits = _forward(model, seq, attention_mask=seq_mask, position_ids=positions).logits[:, -1]
+        err = (logits - result.logits[step]).abs().max().item()
+        assert err <= TOL, f"step {step}: {err:.3g}"
+        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=-1)
+        seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=-1)
+    assert torch.equal(seq, result.sequences)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_prefill_in_pieces_and_decoding_equal_one_full_prefill(family):
     """Decoding token t with the cache = row t of a full prefill; a prompt fed in pieces = fed at once."""

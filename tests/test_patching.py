@@ -24,7 +24,7 @@ from tiny_models import (
     make_model,
     random_ids,
 )
-from oracle import install_oracle
+from oracle import install_oracle, oracle_attention_forward
 
 TOL = 1e-5
 
@@ -547,6 +547,41 @@ def test_logn_scale_defaults_to_the_dca_window_and_zero_is_off():
     assert chunkllama.patching.get_logn_scaling(model) == (0.1, PRETRAINING_LENGTH)
     apply_dca(model, pretraining_length=PRETRAINING_LENGTH, logn_scale=0, logn_base=8)
     assert chunkllama.patching.get_logn_scaling(model) is None
+
+
+# --------------------------------------------------------------------------- per-layer windows (issue 14 variant)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_layer_windows_match_the_oracle_with_each_layers_own_chunks(family, monkeypatch):
+    """Layer 1 runs DCA for a 16-token window (chunk_len 10, chunk_size 12), layer 0 the model's 32."""
+    dca = apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH, layer_windows={1: 16})
+    oracle = make_model(family)
+    rotary = next(m for m in oracle.modules() if type(m).__name__.endswith("RotaryEmbedding"))
+    small = DCAConfig(16)
+    for index, module in enumerate(attention_modules(oracle)):
+        chunk_len, chunk_size = (small.chunk_len, small.chunk_size) if index == 1 else (CHUNK_LEN, CHUNK_SIZE)
+        monkeypatch.setattr(module, "forward", oracle_attention_forward(module, rotary, chunk_len, chunk_size), raising=False)
+    ids = random_ids(2, max(BOUNDARY_LENGTHS), seed=13)
+    expected = _logits(oracle, ids)
+    assert (_logits(dca, ids) - expected).abs().max().item() <= TOL
+    plain = _logits(apply_dca(make_model(family), pretraining_length=PRETRAINING_LENGTH), ids)
+    assert (plain - expected).abs().max().item() > 100 * TOL
+    assert chunkllama.patching.get_layer_windows(dca) == {1: 16}
+    assert get_dca_config(dca) == DCAConfig(PRETRAINING_LENGTH)
+    remove_dca(dca)
+    assert chunkllama.patching.get_layer_windows(dca) is None
+
+
+@pytest.mark.parametrize("windows, match", [
+    ({5: 16}, "layer 5 is not a layer index of this model"),
+    ({-1: 16}, "layer -1 is not a layer index"),
+    ({0: "16"}, "the window of layer 0 must be a number of tokens"),
+    ([16, 16], "layer_windows must map layer indices to window lengths"),
+])
+def test_layer_windows_are_checked(windows, match):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match=match):
+        apply_dca(model, pretraining_length=PRETRAINING_LENGTH, layer_windows=windows)
+    assert not chunkllama.is_dca_applied(model)
 
 
 @pytest.mark.parametrize("kwargs, match", [

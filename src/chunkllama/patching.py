@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 import types
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ from .attention.fp8 import check_kv_cache_dtype
 from .compat import cached_length, pick_cache, stored_dtype, update_cache
 from .config import DCAConfig
 from .prefill import disable_chunked_prefill, enable_chunked_prefill, resolve_prefill_chunk_size
-from .positions import logn_query_factors, step_positions
+from .positions import key_rope_positions, logn_query_factors, step_positions
 from .rope import RotaryParams
 
 
@@ -67,6 +67,8 @@ class _AttentionPatch:
     kv_cache_dtype: str = "auto"  # "fp8": keys/values stored and read as packed e4m3 rows (attention.fp8)
     logit_scale: float = 1.0  # multiplies the attention logits (the softmax scale) of every relation
     logn: tuple[float, int] | None = None  # (coef, base) of the per-query log-n temperature, None = off
+    # this layer's chunk_len differs from the model's (``layer_windows``): it rotates its keys itself
+    own_rotation: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +85,7 @@ class _ModelPatch:
     hook: tuple[nn.Module, int] | None = None  # (base model, hook id) of _prepare_forward
     logit_scale: float = 1.0
     logn: tuple[float, int] | None = None
+    layer_windows: tuple[tuple[int, int], ...] = ()  # (layer index, its pretraining_length), sorted
 
 
 class _Missing:
@@ -235,7 +238,10 @@ def dca_attention_forward(
             patch.config.chunk_len, hidden_states.device, check_rows=not torch.compiler.is_compiling(),
         )
     rope = _rotary_params(patch.rotary)
-    key = rotate_keys(key, rope, step.key_rotation, patch.backend)
+    rotation = step.key_rotation
+    if patch.own_rotation:
+        rotation = key_rope_positions(step.query.clamp(min=0), patch.config.chunk_len)
+    key = rotate_keys(key, rope, rotation, patch.backend)
     if patch.kv_cache_dtype == "fp8":
         # Quantized before the cache, with or without one: every forward reads exactly what a cache would
         # hold, so prefill in pieces, one-shot prefill and decode all see the same keys and values.
@@ -415,6 +421,7 @@ def apply_dca(
     logit_scale: float = 1.0,
     logn_scale: float = 0.0,
     logn_base: int | None = None,
+    layer_windows: Mapping[int, int] | None = None,
 ) -> nn.Module:
     """Enable Dual Chunk Attention on this model instance, in place; returns the model.
 
@@ -447,6 +454,11 @@ def apply_dca(
             gives what a full forward gives. Default 0.0 (off, the paper's DCA).
         logn_base: where the temperature starts; default the DCA ``pretraining_length``. Not
             written by ``save_pretrained`` (neither is ``logn_scale``).
+        layer_windows: ``{layer index: pretraining_length}`` for layers that run DCA set up for
+            another window than the rest (its default ``chunk_size`` / ``local_window``), e.g. a
+            small window in the layers that retrieve and the model's own in the others (issue 14).
+            Such a layer rotates its keys at its own ``position % chunk_len``. Not written by
+            ``save_pretrained``; ``get_dca_config`` reports the other layers' config.
 
     Calling it again replaces the previous DCA settings (applying the same settings twice is the
     same as once). The model's own rope scaling (linear, dynamic NTK, YaRN, llama3) is kept.
@@ -458,12 +470,15 @@ def apply_dca(
     logn = _check_logn(logn_scale, logn_base, config.pretraining_length)
     prefill = resolve_prefill_chunk_size(config, prefill_chunk_size)
     modules = _attention_modules(model)
+    layer_configs = _layer_configs(layer_windows, len(modules))
     rotary = _find_rotary(model)
     remove_dca(model)
     config_swaps = _own_config(model)
-    for module, family in modules:
+    for index, (module, family) in enumerate(modules):
         original = module.__dict__.get("forward", _MISSING)
-        patch = _AttentionPatch(config, family, rotary, loaded, original, kv_cache_dtype, logit_scale, logn)
+        layer_config = layer_configs.get(getattr(module, "layer_idx", index), config)
+        patch = _AttentionPatch(layer_config, family, rotary, loaded, original, kv_cache_dtype, logit_scale, logn,
+                                own_rotation=layer_config.chunk_len != config.chunk_len)
         object.__setattr__(module, _LAYER_STATE, patch)
         module.forward = types.MethodType(dca_attention_forward, module)
     hook = None
@@ -474,7 +489,7 @@ def apply_dca(
     method_swaps = _replace_methods(model)
     object.__setattr__(model, _MODEL_STATE,
                        _ModelPatch(config, backend, kv_cache_dtype, config_swaps, method_swaps, hook, logit_scale,
-                                   logn))
+                                   logn, tuple(sorted((i, c.pretraining_length) for i, c in layer_configs.items()))))
     enable_chunked_prefill(model, prefill)
     return model
 
@@ -538,6 +553,27 @@ def _check_logn(coef: Any, base: Any, default_base: int) -> tuple[float, int] | 
     if coef == 0:
         return None
     return float(coef), int(base if base is not None else default_base)
+
+
+def _layer_configs(layer_windows: Any, num_layers: int) -> dict[int, DCAConfig]:
+    if layer_windows is None:
+        return {}
+    if not isinstance(layer_windows, Mapping):
+        raise ValueError(f"layer_windows must map layer indices to window lengths, e.g. {{20: 2048}}; got {layer_windows!r}.")
+    configs = {}
+    for layer, window in layer_windows.items():
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < num_layers:
+            raise ValueError(f"layer_windows: layer {layer!r} is not a layer index of this model (0..{num_layers - 1}).")
+        if isinstance(window, bool) or not isinstance(window, int):
+            raise ValueError(f"layer_windows: the window of layer {layer} must be a number of tokens, got {window!r}.")
+        configs[layer] = DCAConfig(window)
+    return configs
+
+
+def get_layer_windows(model: nn.Module) -> dict[int, int] | None:
+    """``{layer index: pretraining_length}`` of the layers set up with their own window ({} if none); None if unpatched."""
+    found = _patched_holder(model)
+    return dict(found[1].layer_windows) if found else None
 
 
 def get_logn_scaling(model: nn.Module) -> tuple[float, int] | None:

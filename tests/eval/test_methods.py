@@ -84,6 +84,25 @@ def test_dca_logn_options_are_applied_and_recorded(tiny_model):
         parse_method("dca:logn_base=8k")
 
 
+def test_dca_layer_window_options_are_applied_and_recorded(tiny_model):
+    ids = torch.randint(3, 300, (1, 120))
+    with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
+        plain = tiny_model(ids).logits
+        assert record["layer_windows"] == {}
+    spec = parse_method("dca:chunk_size=32,local_window=4,layer_window=16,layer_window_layers=1")
+    with method_applied(tiny_model, spec, 512) as record:
+        assert record["layer_windows"] == {1: 16}
+        assert not torch.allclose(tiny_model(ids).logits, plain)
+    with pytest.raises(ValueError, match="give layer_window and layer_window_layers together"):
+        with method_applied(tiny_model, "dca:layer_window=16", 512):
+            pass
+    for bad in ("3-1", "a-b", "1-"):
+        with pytest.raises(ValueError, match="is not layer_range"):
+            parse_method(f"dca:layer_window=16,layer_window_layers={bad}")
+    from chunkllama.eval.method_specs import layers_of
+    assert list(layers_of("2-4")) == [2, 3, 4] and list(layers_of("7")) == [7]
+
+
 def test_dca_method_uses_settings_the_config_records(tiny_model):
     """A fine-tuned model's recorded DCA settings are what ``dca`` evaluates with, unless a length is given."""
     from chunkllama import DCAConfig

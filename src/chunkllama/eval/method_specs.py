@@ -19,9 +19,23 @@ def kv_cache_dtype(text: str) -> str:
     return text
 
 
+def layer_range(text: str) -> str:
+    """Layers ``a-b`` (both included) or one layer ``a``, e.g. ``16-29``; returned as typed."""
+    first, sep, last = text.partition("-")
+    if not first.isdigit() or (sep and (not last.isdigit() or int(last) < int(first))):
+        raise ValueError(text)
+    return text
+
+
+def layers_of(text: str) -> range:
+    """The layer indices of a :func:`layer_range` string."""
+    first, _, last = text.partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
 _DCA_OPTIONS = {"chunk_size": int, "local_window": int, "backend": str, "pretraining_length": int,
                 "kv_cache_dtype": kv_cache_dtype, "logit_scale": float, "logn_scale": float,
-                "logn_base": int}
+                "logn_base": int, "layer_window": int, "layer_window_layers": layer_range}
 _ROPE_OPTIONS = {"factor": float}
 ACCEPTED = ", ".join(METHOD_NAMES) + ", comma-separated; options like dca:chunk_size=4096,local_window=512"
 

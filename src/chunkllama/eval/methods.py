@@ -11,7 +11,8 @@
   ``backend``, ``kv_cache_dtype``: ``dca:kv_cache_dtype=fp8`` evaluates with the FP8 KV cache;
   ``logit_scale``: an attention temperature, ``dca:pretraining_length=4096,logit_scale=1.2``;
   ``logn_scale`` / ``logn_base``: a per-query temperature growing with the log of the position,
-  ``dca:pretraining_length=4096,logn_scale=0.1,logn_base=8192``).
+  ``dca:pretraining_length=4096,logn_scale=0.1,logn_base=8192``; ``layer_window`` with
+  ``layer_window_layers``: DCA for another window in some layers, ``dca:layer_window=2048,layer_window_layers=16-29``).
   Without any length given, a model whose config records ``dual_chunk_attention_config`` (saved
   by ``chunkllama finetune``) is evaluated with those settings.
 
@@ -32,8 +33,9 @@ from typing import Any, Iterator
 from torch import nn
 
 from ..config import DCAConfig
-from ..patching import apply_dca, get_dca_config, get_kv_cache_dtype, get_logit_scale, get_logn_scaling, remove_dca
-from .method_specs import METHOD_NAMES, MethodSpec, parse_method, parse_methods  # noqa: F401 (re-exported)
+from ..patching import (apply_dca, get_dca_config, get_kv_cache_dtype, get_layer_windows, get_logit_scale,
+                        get_logn_scaling, remove_dca)
+from .method_specs import METHOD_NAMES, MethodSpec, layers_of, parse_method, parse_methods  # noqa: F401 (re-exported)
 
 ROPE_TYPES = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}
 
@@ -80,7 +82,7 @@ def read_back(model: nn.Module) -> dict[str, Any]:
         },
         "dca": dca.to_dict() if dca is not None else None,
         **({"kv_cache_dtype": get_kv_cache_dtype(model), "logit_scale": get_logit_scale(model),
-            "logn": get_logn_scaling(model)} if dca is not None else {}),
+            "logn": get_logn_scaling(model), "layer_windows": get_layer_windows(model)} if dca is not None else {}),
     }
 
 
@@ -167,6 +169,7 @@ def apply_method(
             logit_scale=spec.option("logit_scale", 1.0),
             logn_scale=spec.option("logn_scale", 0.0),
             logn_base=spec.option("logn_base"),
+            layer_windows=_layer_windows(spec),
         )
     applied.record = {
         "method": spec.name,
@@ -190,3 +193,12 @@ def method_applied(
         yield applied.record
     finally:
         applied.restore()
+
+
+def _layer_windows(spec: MethodSpec) -> dict[int, int] | None:
+    """``layer_window`` / ``layer_window_layers`` of a dca spec as ``apply_dca``'s ``layer_windows``."""
+    window, layers = spec.option("layer_window"), spec.option("layer_window_layers")
+    if (window is None) != (layers is None):
+        raise ValueError(f"{spec.label}: give layer_window and layer_window_layers together "
+                         "(e.g. dca:layer_window=2048,layer_window_layers=16-29).")
+    return None if window is None else {layer: window for layer in layers_of(layers)}
