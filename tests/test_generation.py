@@ -47,27 +47,9 @@ def test_greedy_generate_with_cache_equals_recomputation(family):
     assert torch.equal(seq, tokens)
 
 
-def test_logn_temperature_is_causal_cached_generation_equals_recomputation():
-    """The per-query temperature depends only on the query's own position, so cached decoding with left
-    padding (shifted positions) gives what a full forward gives."""
-    model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH, logn_scale=0.4, logn_base=40)
-    ids, mask = left_padded([random_ids(1, PROMPT, seed=23)[0], random_ids(1, PROMPT - 7, seed=24)[0]])
-    result = _generate(model, ids, attention_mask=mask)
-    seq, seq_mask = ids, mask
-    for step in range(NEW):
-        positions = (seq_mask.cumsum(-1) - 1).masked_fill(seq_mask == 0, -1)
-        logits = _forward(model, seq, attention_mask=seq_mask, position_ids=positions).logits[:, -1]
-        err = (logits - result.logits[step]).abs().max().item()
-        assert err <= TOL, f"step {step}: {err:.3g}"
-        seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=-1)
-        seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=-1)
-    assert torch.equal(seq, result.sequences)
-
-
-def test_layer_windows_cached_generation_equals_recomputation():
-    """A layer with its own window keeps keys rotated at its own chunk_len in the shared cache."""
-    model = apply_dca(make_model("qwen3"), pretraining_length=PRETRAINING_LENGTH, layer_windows={0: 16})
-    ids, mask = left_padded([random_ids(1, PROMPT, seed=25)[0], random_ids(1, PROMPT - 5, seed=26)[0]])
+def _assert_padded_generation_equals_recomputation(model, rows):
+    """Greedy ``generate`` on left-padded ``rows`` equals full forwards on the growing sequences."""
+    ids, mask = left_padded(rows)
     result = _generate(model, ids, attention_mask=mask)
     seq, seq_mask = ids, mask
     for step in range(NEW):
@@ -78,6 +60,19 @@ def test_layer_windows_cached_generation_equals_recomputation():
         seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=-1)
         seq_mask = torch.cat([seq_mask, torch.ones_like(seq_mask[:, :1])], dim=-1)
     assert torch.equal(seq, result.sequences)
+
+
+def test_logn_temperature_is_causal_cached_generation_equals_recomputation():
+    """The per-query temperature depends only on the query's own position, so cached decoding with left
+    padding (shifted positions) gives what a full forward gives."""
+    model = apply_dca(make_model("llama"), pretraining_length=PRETRAINING_LENGTH, logn_scale=0.4, logn_base=40)
+    _assert_padded_generation_equals_recomputation(model, [random_ids(1, PROMPT, seed=23)[0], random_ids(1, PROMPT - 7, seed=24)[0]])
+
+
+def test_layer_windows_cached_generation_equals_recomputation():
+    """A layer with its own window keeps keys rotated at its own chunk_len in the shared cache."""
+    model = apply_dca(make_model("qwen3"), pretraining_length=PRETRAINING_LENGTH, layer_windows={0: 16})
+    _assert_padded_generation_equals_recomputation(model, [random_ids(1, PROMPT, seed=25)[0], random_ids(1, PROMPT - 5, seed=26)[0]])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

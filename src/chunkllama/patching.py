@@ -27,7 +27,7 @@ from .attention.fp8 import check_kv_cache_dtype
 from .compat import cached_length, pick_cache, stored_dtype, update_cache
 from .config import DCAConfig
 from .prefill import disable_chunked_prefill, enable_chunked_prefill, resolve_prefill_chunk_size
-from .positions import key_rope_positions, logn_query_factors, step_positions
+from .positions import step_positions
 from .rope import RotaryParams
 
 
@@ -238,9 +238,7 @@ def dca_attention_forward(
             patch.config.chunk_len, hidden_states.device, check_rows=not torch.compiler.is_compiling(),
         )
     rope = _rotary_params(patch.rotary)
-    rotation = step.key_rotation
-    if patch.own_rotation:
-        rotation = key_rope_positions(step.query.clamp(min=0), patch.config.chunk_len)
+    rotation = step.key_rotation_for(patch.config.chunk_len) if patch.own_rotation else step.key_rotation
     key = rotate_keys(key, rope, rotation, patch.backend)
     if patch.kv_cache_dtype == "fp8":
         # Quantized before the cache, with or without one: every forward reads exactly what a cache would
@@ -254,7 +252,7 @@ def dca_attention_forward(
         key, value = update_cache(cache, key, value, self.layer_idx, kwargs)
     if patch.logn is not None:
         # scaling a query row scales all its logits (every relation's rotation is linear in the query)
-        factors = logn_query_factors(step.query, *patch.logn)[:, None, :, None]
+        factors = step.logn_factors(*patch.logn)[:, None, :, None]
         query = (query.float() * factors).to(query.dtype)
 
     out = dca_attention(

@@ -133,6 +133,24 @@ def broken_rows(position_ids: torch.Tensor) -> torch.Tensor:
     return broken.any(dim=-1)
 
 
+def logn_query_factors(query_positions: torch.Tensor, coef: float, base: int) -> torch.Tensor:
+    """Per-query attention temperature ``max(1, 1 + coef * ln((p + 1) / base))`` (issue 14's ``logn`` variant).
+
+    A query at position ``p`` multiplies all its attention logits by this factor: 1 inside the first
+    ``base`` positions, growing with the log of the position beyond them (Qwen's log-n attention; the
+    length-dependent temperature of Qwen2.5-1M, taken per position so that it is causal: a cached
+    decode step sees the factor a full forward gives the same token).
+
+    Args:
+        query_positions: int ``(B, Tq)`` position ids; negative (padding) gets 1.
+        coef: the slope (0 = no scaling).
+        base: positions below it keep factor 1.
+    Returns:
+        float32 ``(B, Tq)``.
+    """
+    tokens = (query_positions.clamp(min=0) + 1).to(torch.float32)
+    return (1.0 + coef * torch.log(tokens / float(base))).clamp(min=1.0)
+
 @dataclasses.dataclass(frozen=True)
 class StepPositions:
     """Where one forward step's tokens sit, computed once per forward and shared by every layer.
@@ -147,17 +165,29 @@ class StepPositions:
     query: torch.Tensor
     offsets: torch.Tensor
     key_rotation: torch.Tensor
-    _keys: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    # tensors derived from the above, computed by the first layer that asks and shared by the rest
+    _memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def _derived(self, key: tuple, compute) -> torch.Tensor:
+        found = self._memo.get(key)
+        if found is None:
+            found = self._memo[key] = compute()
+        return found
 
     def keys(self, kv_len: int) -> torch.Tensor:
         """Positions of all ``kv_len`` keys in the cache after this step's update: int64 ``(B, kv_len)``.
 
         Computed once per length and shared by every layer of the step (treat it as read-only).
         """
-        found = self._keys.get(kv_len)
-        if found is None:
-            found = self._keys[kv_len] = positions_from_offsets(self.offsets, 0, kv_len)
-        return found
+        return self._derived(("keys", kv_len), lambda: positions_from_offsets(self.offsets, 0, kv_len))
+
+    def key_rotation_for(self, chunk_len: int) -> torch.Tensor:
+        """Like ``key_rotation`` for another ``chunk_len`` (a layer with its own window): int64 ``(B, Tq)``."""
+        return self._derived(("rotation", chunk_len), lambda: key_rope_positions(self.query.clamp(min=0), chunk_len))
+
+    def logn_factors(self, coef: float, base: int) -> torch.Tensor:
+        """:func:`logn_query_factors` of this step's queries: float32 ``(B, Tq)``, once per step."""
+        return self._derived(("logn", coef, base), lambda: logn_query_factors(self.query, coef, base))
 
 
 def step_positions(
@@ -192,22 +222,3 @@ def step_positions(
     offsets = row_offsets(position_ids, batch_size, q_len, past + q_len)
     query = positions_from_offsets(offsets, past, q_len)
     return StepPositions(query, offsets, key_rope_positions(query.clamp(min=0), chunk_len))
-
-
-def logn_query_factors(query_positions: torch.Tensor, coef: float, base: int) -> torch.Tensor:
-    """Per-query attention temperature ``max(1, 1 + coef * ln((p + 1) / base))`` (issue 14's ``logn`` variant).
-
-    A query at position ``p`` multiplies all its attention logits by this factor: 1 inside the first
-    ``base`` positions, growing with the log of the position beyond them (Qwen's log-n attention; the
-    length-dependent temperature of Qwen2.5-1M, taken per position so that it is causal: a cached
-    decode step sees the factor a full forward gives the same token).
-
-    Args:
-        query_positions: int ``(B, Tq)`` position ids; negative (padding) gets 1.
-        coef: the slope (0 = no scaling).
-        base: positions below it keep factor 1.
-    Returns:
-        float32 ``(B, Tq)``.
-    """
-    tokens = (query_positions.clamp(min=0) + 1).to(torch.float32)
-    return (1.0 + coef * torch.log(tokens / float(base))).clamp(min=1.0)

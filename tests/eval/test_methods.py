@@ -55,11 +55,16 @@ def test_dca_method_recorded_and_removed(tiny_model):
     assert torch.equal(tiny_model(ids).logits, before)
 
 
-def test_dca_logit_scale_option_is_applied_and_recorded(tiny_model):
+def _plain_dca(tiny_model):
+    """Logits of random ids under plain ``dca:chunk_size=32,local_window=4``, with the ids and the record."""
     ids = torch.randint(3, 300, (1, 120))
     with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
-        plain = tiny_model(ids).logits
-        assert record["logit_scale"] == 1.0
+        return ids, tiny_model(ids).logits, record
+
+
+def test_dca_logit_scale_option_is_applied_and_recorded(tiny_model):
+    ids, plain, record = _plain_dca(tiny_model)
+    assert record["logit_scale"] == 1.0
     spec = parse_method("dca:chunk_size=32,local_window=4,logit_scale=1.25")
     assert spec.option("logit_scale") == 1.25 and spec.label.endswith("logit_scale=1.25)")
     with method_applied(tiny_model, spec, 512) as record:
@@ -70,10 +75,8 @@ def test_dca_logit_scale_option_is_applied_and_recorded(tiny_model):
 
 
 def test_dca_logn_options_are_applied_and_recorded(tiny_model):
-    ids = torch.randint(3, 300, (1, 120))
-    with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
-        plain = tiny_model(ids).logits
-        assert record["logn"] is None
+    ids, plain, record = _plain_dca(tiny_model)
+    assert record["logn"] is None
     spec = parse_method("dca:chunk_size=32,local_window=4,logn_scale=0.3,logn_base=40")
     with method_applied(tiny_model, spec, 512) as record:
         assert record["logn"] == (0.3, 40)
@@ -85,10 +88,8 @@ def test_dca_logn_options_are_applied_and_recorded(tiny_model):
 
 
 def test_dca_layer_window_options_are_applied_and_recorded(tiny_model):
-    ids = torch.randint(3, 300, (1, 120))
-    with method_applied(tiny_model, "dca:chunk_size=32,local_window=4", 512) as record:
-        plain = tiny_model(ids).logits
-        assert record["layer_windows"] == {}
+    ids, plain, record = _plain_dca(tiny_model)
+    assert record["layer_windows"] == {}
     spec = parse_method("dca:chunk_size=32,local_window=4,layer_window=16,layer_window_layers=1")
     with method_applied(tiny_model, spec, 512) as record:
         assert record["layer_windows"] == {1: 16}
