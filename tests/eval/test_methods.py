@@ -119,3 +119,18 @@ def test_dca_method_uses_settings_the_config_records(tiny_model):
             assert record["dca"]["chunk_size"] == 30 and record["dca"]["pretraining_length"] == 64
     finally:
         del tiny_model.config.dual_chunk_attention_config
+
+
+def test_eval_help_names_every_method_option():
+    """``chunkllama eval <task> --help`` lists the option names the method specs accept."""
+    import inspect
+    import re
+
+    from chunkllama.eval import commands
+    from chunkllama.eval.method_specs import _DCA_OPTIONS, _ROPE_OPTIONS
+
+    for command in (commands.eval_ppl, commands.eval_passkey, commands.eval_needle, commands.eval_longqa):
+        doc = inspect.getdoc(command)
+        start = doc.index("methods:")
+        listed = set(re.findall(r"[a-z_]+", doc[doc.index("(", start):doc.index(")", start)]))
+        assert set(_DCA_OPTIONS) | set(_ROPE_OPTIONS) <= listed, command.__name__

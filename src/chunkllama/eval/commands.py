@@ -281,7 +281,9 @@ def eval_ppl(
     predictions. Writes summary.json, samples.jsonl, table.md and ppl_vs_length.png to --output.
 
     Args:
-        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512
+            (dca: chunk_size, local_window, pretraining_length, backend, kv_cache_dtype, logit_scale,
+            logn_scale, logn_base, layer_window, layer_window_layers; pi/ntk/yarn: factor).
         lengths: comma-separated lengths in tokens; 4k = 4096.
         data: folder holding pg19/ (or the pg19 folder, or hf://emozilla/pg19-test); default: ../shared/data.
         output: output folder.
@@ -321,7 +323,9 @@ def eval_passkey(
     passkey_vs_length.png to --output.
 
     Args:
-        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512
+            (dca: chunk_size, local_window, pretraining_length, backend, kv_cache_dtype, logit_scale,
+            logn_scale, logn_base, layer_window, layer_window_layers; pi/ntk/yarn: factor).
         lengths: comma-separated lengths in tokens; 4k = 4096.
         output: output folder.
         depths: depths per length, at (d+0.5)/depths.
@@ -358,7 +362,9 @@ def eval_needle(
     Writes summary.json, samples.jsonl (every answer), table.md and needle_<method>.png to --output.
 
     Args:
-        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512
+            (dca: chunk_size, local_window, pretraining_length, backend, kv_cache_dtype, logit_scale,
+            logn_scale, logn_base, layer_window, layer_window_layers; pi/ntk/yarn: factor).
         lengths: comma-separated prompt lengths in tokens; 4k = 4096.
         data: folder holding paul_graham_essays/ (or that folder); default: ../shared/data.
         output: output folder.
@@ -399,7 +405,9 @@ def eval_longqa(
     score, n), samples.jsonl (every question and answer) and table.md to --output.
 
     Args:
-        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512.
+        methods: comma-separated: none, pi, ntk, yarn, dca; options like dca:chunk_size=4096,local_window=512
+            (dca: chunk_size, local_window, pretraining_length, backend, kv_cache_dtype, logit_scale,
+            logn_scale, logn_base, layer_window, layer_window_layers; pi/ntk/yarn: factor).
         tasks: comma-separated task names (JSONL file stems), e.g. coursera,tpo; default: all found.
         data: a .jsonl file, a folder of them, a folder holding leval/, or hf://L4NLP/LEval; default: ../shared/data.
         output: output folder.
