@@ -82,13 +82,16 @@ def decode_step_s(length: int) -> float:
 
 
 def estimate_seconds(n_methods: int, length: int, passkey_trials: int, ppl_windows: int, ruler_samples: int,
-                     n_ruler_tasks: int = N_RULER_TASKS, ruler_new_tokens: float = 64.0) -> dict[str, float]:
+                     n_ruler_tasks: int = N_RULER_TASKS, ruler_new_tokens: float = 64.0,
+                     ruler_batch: int = 1) -> dict[str, float]:
     """Estimated seconds of one run at one length: ``quality``, ``ruler`` (answers of ``ruler_new_tokens``
-    tokens on average, about half of RULER's budgets) and ``total`` (with :data:`SETUP_S`)."""
+    tokens on average, about half of RULER's budgets; ``ruler_batch`` prompts decoded per step) and
+    ``total`` (with :data:`SETUP_S`)."""
     quality = n_methods * (passkey_trials + ppl_windows) * forward_s(length)
     n_prompts = n_ruler_tasks * ruler_samples
     build = n_prompts * length / 65536  # once per length, shared by the methods
-    ruler = build + n_methods * n_prompts * (forward_s(length) + ruler_new_tokens * decode_step_s(length))
+    steps = n_ruler_tasks * -(-ruler_samples // ruler_batch) * ruler_new_tokens
+    ruler = build + n_methods * (n_prompts * forward_s(length) + steps * decode_step_s(length))
     return {"quality": quality, "ruler": ruler if ruler_samples else 0.0,
             "total": SETUP_S + quality + (ruler if ruler_samples else 0.0)}
 
@@ -300,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ruler-tasks", default="all", help="RULER tasks: all, niah, or names (niah_single_1,vt,...)")
     ap.add_argument("--ruler-depths", type=int, default=None, help="NIAH depths (d+0.5)/N; default RULER's random")
     ap.add_argument("--ruler-max-new-tokens", type=int, default=None, help="cap on answer tokens (default RULER's)")
+    ap.add_argument("--ruler-batch-size", type=int, default=1,
+                    help="RULER prompts of a task answered at once (left-padded generate; GPU)")
     ap.add_argument("--seed", type=int, default=42, help="RULER prompts' seed")
     ap.add_argument("--goal-base", default="8k", help="goal check: ppl base length")
     ap.add_argument("--goal-long", default="32k,64k", help="goal check: long lengths")
@@ -322,14 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.ruler_samples:
         from chunkllama.eval.ruler_command import check_settings
 
+        from chunkllama.eval.ruler import check_batching
+
         settings = check_settings(args.methods, args.ruler_tasks, lengths, args.ruler_samples, args.ruler_depths,
                                   args.data, args.ruler_max_new_tokens)  # before the model loads
+        check_batching(args.ruler_batch_size, None)
     n_tasks = len(settings.tasks) if settings else 0
     new_tokens = min(64.0, args.ruler_max_new_tokens or 64.0)
     total = 0.0
     for length in lengths:
         e = estimate_seconds(len(specs), length, args.passkey_trials, args.ppl_windows, args.ruler_samples, n_tasks,
-                             new_tokens)
+                             new_tokens, args.ruler_batch_size)
         total += e["total"] - SETUP_S
         print(f"[study] estimate on an H200, L={_fmt_len(length)}: quality {e['quality'] / 60:.1f} min, "
               f"RULER {e['ruler'] / 60:.1f} min", flush=True)
@@ -361,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ruler = run_ruler((model, tokenizer), args.methods, args.ruler_tasks, lengths, str(ruler_out),
                           args.ruler_samples, args.ruler_depths, args.data, args.seed, None, None,
-                          args.ruler_max_new_tokens, progress=False)
+                          args.ruler_max_new_tokens, progress=False, batch_size=args.ruler_batch_size)
         seconds = round(time.perf_counter() - t0, 1)
         rows += [{**r, "samples": args.ruler_samples, "seconds_run": seconds} for r in ruler if r["task"] != "average"]
     for row in rows:

@@ -103,6 +103,8 @@ def test_estimate_fits_the_call_limit(study):
         e = study.estimate_seconds(6, length, 20, 2, 0)
         assert e["ruler"] == 0 and e["total"] < 8 * 60
     assert study.estimate_seconds(6, 65536, 20, 2, 0)["quality"] > study.estimate_seconds(6, 8192, 20, 2, 0)["quality"]
+    one, ten = (study.estimate_seconds(4, 65536, 0, 0, 10, 11, 64.0, b)["ruler"] for b in (1, 10))
+    assert ten < one / 2  # batching divides the decode steps, not the prefills or the prompt building
 
 
 def test_script_end_to_end(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path):
@@ -129,7 +131,7 @@ def test_script_end_to_end(study, tiny_model, tiny_tokenizer, tiny_data, tmp_pat
     # second run: RULER only (one task), merged into the same file; the quality rows stay
     assert study.main([*common, "--methods", "none,dca", "--lengths", "512,768", "--passkey-trials", "0",
                        "--ppl-windows", "0", "--ruler-samples", "1", "--ruler-tasks", "niah_single_1",
-                       "--ruler-max-new-tokens", "4"]) == 0
+                       "--ruler-max-new-tokens", "4", "--ruler-batch-size", "2"]) == 0
     data = json.loads((out / "retrieval_study_cpu.json").read_text())
     rows = data["rows"]
     assert len(data["commands"]) == 2

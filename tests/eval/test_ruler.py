@@ -239,6 +239,30 @@ def test_evaluate_ruler_end_to_end(tiny_model, tiny_tokenizer):
     json.dumps(records)
 
 
+@pytest.mark.parametrize("method", ["none", "dca"])
+def test_batched_answers_equal_one_at_a_time(tiny_model, tiny_tokenizer, method):
+    from chunkllama.eval.ruler import evaluate_ruler
+
+    kwargs = dict(n_samples=3, depths=[0.2, 0.5, 0.8], max_new_tokens=8, progress=False)
+    # niah prompts differ in length by a few tokens, so the batch is left-padded
+    _, alone = evaluate_ruler(tiny_model, tiny_tokenizer, ["niah_single_1", "fwe"], [SHORT], [method], **kwargs)
+    _, batched = evaluate_ruler(tiny_model, tiny_tokenizer, ["niah_single_1", "fwe"], [SHORT], [method],
+                                batch_size=2, **kwargs)
+    assert len({r["n_tokens"] for r in alone}) > 1
+    assert [r["prediction"] for r in batched] == [r["prediction"] for r in alone]
+    assert any(r["prediction"] for r in alone)
+
+
+def test_batching_arguments_are_checked(tiny_model, tiny_tokenizer):
+    from chunkllama.eval.ruler import evaluate_ruler
+
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        evaluate_ruler(tiny_model, tiny_tokenizer, ["fwe"], [SHORT], ["dca"], batch_size=0, progress=False)
+    with pytest.raises(ValueError, match="--prefill-chunk works with --batch-size 1 only"):
+        evaluate_ruler(tiny_model, tiny_tokenizer, ["fwe"], [SHORT], ["dca"], batch_size=2, prefill_chunk=64,
+                       progress=False)
+
+
 def test_run_ruler_writes_report_and_checks_arguments_first(tiny_model, tiny_tokenizer, tiny_data, tmp_path):
     from chunkllama.eval.ruler_command import eval_ruler, run_ruler
 

@@ -2,9 +2,9 @@
 
 Prompts come from :mod:`.ruler_tasks` (built once per length and shared by every method); each
 method is applied with :func:`.methods.method_applied` for the length at hand; answers are decoded
-greedily with the KV cache (:func:`.passkey.greedy_generate`), stopping at the tokenizer's
-end-of-turn tokens, cleaned as RULER's evaluator does and scored with
-:func:`.ruler_tasks.string_match_all` (a fraction in [0, 1]).
+greedily with the KV cache (:func:`.passkey.greedy_generate`, or ``model.generate`` on left-padded
+batches of ``batch_size`` prompts), stopping at the tokenizer's end-of-turn tokens, cleaned as
+RULER's evaluator does and scored with :func:`.ruler_tasks.string_match_all` (a fraction in [0, 1]).
 
 Rows (one per method x task x length, then one ``task = "average"`` row per method x length, the
 unweighted mean over the tasks run)::
@@ -17,12 +17,22 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from . import passkey as pk
 from . import ruler_tasks as rt
 from .methods import MethodSpec, method_applied, parse_methods
 from .needle import cut_at_stop, stop_token_ids
+
+
+def check_batching(batch_size: int, prefill_chunk: int | None) -> None:
+    """Raise ValueError for a batch size below 1, or batches combined with a chunked prefill."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+    if batch_size > 1 and prefill_chunk is not None:
+        raise ValueError("--prefill-chunk works with --batch-size 1 only (batches are prefilled in one forward); "
+                         "leave one of them out.")
 
 
 def sample_depth(index: int, depths: Sequence[float] | None) -> float | None:
@@ -65,6 +75,36 @@ def answer(model: nn.Module, tokenizer: Any, sample: rt.RulerSample, stops: set[
     return rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True))
 
 
+def answer_batch(model: nn.Module, tokenizer: Any, samples: Sequence[rt.RulerSample], stops: set[int],
+                 max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers to ``samples`` from one ``model.generate`` call on a left-padded batch.
+
+    Each row stops at its first token of ``stops`` (``generate`` pads the finished rows) and is cut
+    and cleaned as :func:`answer` does; every row gets at most its own ``max_new_tokens`` budget.
+    """
+    limits = [s.max_new_tokens if max_new_tokens is None else min(max_new_tokens, s.max_new_tokens)
+              for s in samples]
+    width = max(len(s.input_ids) for s in samples)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
+    device = next(model.parameters()).device
+    ids = torch.full((len(samples), width), int(pad), dtype=torch.long)
+    mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = len(sample.input_ids)
+        ids[row, width - n:] = torch.as_tensor(list(sample.input_ids), dtype=torch.long)
+        mask[row, width - n:] = 1
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits), do_sample=False,
+            eos_token_id=sorted(stops) or None, pad_token_id=int(pad), temperature=None, top_p=None, top_k=None,
+        )
+    answers = []
+    for row, limit in enumerate(limits):
+        new = out[row, width:width + limit].tolist()
+        answers.append(rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True)))
+    return answers
+
+
 def evaluate_ruler(
     model: nn.Module,
     tokenizer: Any,
@@ -80,6 +120,7 @@ def evaluate_ruler(
     pretraining_length: int | None = None,
     prefill_chunk: int | None = None,
     max_new_tokens: int | None = None,
+    batch_size: int = 1,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every (method, task, length) cell on ``n_samples`` prompts.
@@ -100,6 +141,8 @@ def evaluate_ruler(
         prefill_chunk: prefill this many tokens per forward (all at once when None).
         max_new_tokens: cap on the tokens generated per answer (default: RULER's per task: 128 NIAH,
             30 vt, 120 cwe, 50 fwe); prompts are fitted to the task's own budget either way.
+        batch_size: answer this many prompts of a task at once (left-padded ``model.generate``);
+            1 decodes each prompt alone, which is the only mode ``prefill_chunk`` works with.
         progress: show a progress bar.
 
     Returns:
@@ -115,6 +158,7 @@ def evaluate_ruler(
             raise ValueError(f"Unknown RULER task {task!r}; choose from {', '.join(rt.TASK_NAMES)}.")
     if n_samples < 1:
         raise ValueError(f"n_samples must be at least 1, got {n_samples}.")
+    check_batching(batch_size, prefill_chunk)
     words = rt.essay_words(essay) if isinstance(essay, str) else essay
     stops = stop_token_ids(tokenizer)
     bar = tqdm(total=len(specs) * len(tasks) * len(lengths) * n_samples, desc="ruler", disable=not progress)
@@ -134,8 +178,15 @@ def evaluate_ruler(
                     bar.set_postfix_str(f"{spec.label} {task} L={length}")
                     scores: list[float] = []
                     by_depth: dict[float, list[float]] = {}
-                    for sample in prompts[task]:
-                        prediction = answer(model, tokenizer, sample, stops, prefill_chunk, max_new_tokens)
+                    predictions: list[str] = []
+                    for start in range(0, len(prompts[task]), batch_size):
+                        batch = prompts[task][start:start + batch_size]
+                        if batch_size == 1:
+                            predictions.append(answer(model, tokenizer, batch[0], stops, prefill_chunk, max_new_tokens))
+                        else:
+                            predictions += answer_batch(model, tokenizer, batch, stops, max_new_tokens)
+                        bar.update(len(batch))
+                    for sample, prediction in zip(prompts[task], predictions):
                         score = rt.string_match_all(prediction, sample.answers)
                         scores.append(score)
                         if sample.depth is not None:
@@ -146,7 +197,6 @@ def evaluate_ruler(
                             "needle_token_depths": [round(d, 4) for d in sample.needle_token_depths],
                             "answers": list(sample.answers), "prediction": prediction, "score": score,
                         })
-                        bar.update(1)
                     mean = sum(scores) / len(scores)
                     task_scores.append(mean)
                     rows.append({
