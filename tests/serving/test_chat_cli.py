@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -80,8 +81,11 @@ def test_scripted_questions_in_a_subprocess_match_json_and_the_engine(tiny_dir, 
 def test_interactive_chat_in_a_pseudo_terminal(tiny_dir):
     pexpect = pytest.importorskip("pexpect")
     args = chat_args(tiny_dir, "--max-new-tokens", "5000", "--max-context", "100000")
+    # a terminal's Ctrl-C: SIGINT at its default, even when pytest itself runs as a background job
+    # (non-interactive shells start those with SIGINT ignored, and exec passes that on)
     child = pexpect.spawn(sys.executable, ["-m", "chunkllama.cli", *args], env=env(), cwd=str(ROOT),
-                          encoding="utf-8", timeout=240)
+                          encoding="utf-8", timeout=240,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("/reset")
         child.expect("you> ")
