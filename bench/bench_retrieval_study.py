@@ -361,51 +361,63 @@ def main(argv: list[str] | None = None) -> int:
         tokens = tokenize_corpus(tokenizer, pg19_corpus(args.data)) if args.ppl_windows else None
         rows += quality_rows(model, tokenizer, specs, lengths, tokens, args.ppl_windows, args.passkey_trials,
                              args.passkey_depths)
+    path = out / f"retrieval_study_{tag}.json"
+
+    def save(new_rows: list[dict]) -> tuple[list[dict], list[dict], list[Path]]:
+        """Merge ``new_rows`` into the results file and rewrite it with its tables and plots."""
+        for row in new_rows:
+            row.update(dtype=env["dtype"], commit=env["commit"])
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        merged = with_averages(merge_rows(old.get("rows", []), new_rows))
+        commands = old.get("commands", [])
+        if commands[-1:] != [command]:
+            commands.append(command)
+        goals = [goal_check(merged, m, base, long) for m in dict.fromkeys(r["method"] for r in merged)]
+        path.write_text(json.dumps({"commands": commands, "environment": env, "goal": goals, "rows": merged},
+                                   indent=2, default=str) + "\n")
+        md = path.with_suffix(".md")
+        write_markdown(merged, md, [f"# Retrieval study, issue 14 ({env['device']}, {env['dtype']})", "",
+                                    *[f"`{c}`" for c in commands], "",
+                                    f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}",
+                                    ""], base, long)
+        outputs = [path, md]
+        try:  # plots are a convenience; never lose the numbers over them
+            q = [r for r in merged if r["bench"] == "quality"]
+            outputs.append(plot_vs_length([r for r in q if r.get("ppl") is not None], "ppl",
+                                          out / f"retrieval_study_{tag}_ppl.png", "PG19 perplexity", "perplexity", True))
+            outputs.append(plot_vs_length([r for r in q if r.get("passkey") is not None], "passkey",
+                                          out / f"retrieval_study_{tag}_passkey.png", "Passkey retrieval", "accuracy"))
+            avg = [r for r in merged if r["bench"] == "ruler" and r["task"] == "average"]
+            if avg:
+                outputs.append(plot_vs_length(avg, "score", out / f"retrieval_study_{tag}_ruler.png",
+                                              "RULER-style tasks (average)", "score (fraction)"))
+        except Exception as exc:
+            print(f"[study] plotting failed: {exc}", flush=True)
+        return merged, goals, outputs
+
+    merged, goals, outputs = save(rows)  # the quality rows (if any) before RULER starts
     if args.ruler_samples:
         from chunkllama.eval.ruler_command import run_ruler
 
         run_id = hashlib.sha1(f"{args.methods}|{args.ruler_tasks}|{args.lengths}".encode()).hexdigest()[:8]
         ruler_out = out / f"retrieval_study_{tag}_ruler" / f"{slug(args.lengths)}-{run_id}"
         t0 = time.perf_counter()
-        ruler = run_ruler((model, tokenizer), args.methods, args.ruler_tasks, lengths, str(ruler_out),
-                          args.ruler_samples, args.ruler_depths, args.data, args.seed, None, None,
-                          args.ruler_max_new_tokens, progress=False, batch_size=args.ruler_batch_size)
-        seconds = round(time.perf_counter() - t0, 1)
-        rows += [{**r, "samples": args.ruler_samples, "seconds_run": seconds} for r in ruler if r["task"] != "average"]
-    for row in rows:
-        row.update(dtype=env["dtype"], commit=env["commit"])
+
+        def save_cell(cell: list[dict]) -> None:  # each method x length as soon as it is done
+            nonlocal merged, goals, outputs
+            seconds = round(time.perf_counter() - t0, 1)
+            merged, goals, outputs = save([{**r, "samples": args.ruler_samples, "seconds_run": seconds}
+                                           for r in cell if r["task"] != "average"])
+
+        run_ruler((model, tokenizer), args.methods, args.ruler_tasks, lengths, str(ruler_out),
+                  args.ruler_samples, args.ruler_depths, args.data, args.seed, None, None,
+                  args.ruler_max_new_tokens, progress=False, batch_size=args.ruler_batch_size, on_rows=save_cell)
     seconds = time.perf_counter() - t_start
     print(f"[study] measured in {seconds:.0f}s ({seconds / 60:.1f} min, after model load)", flush=True)
-
-    path = out / f"retrieval_study_{tag}.json"
-    old = json.loads(path.read_text()) if path.is_file() else {}
-    merged = with_averages(merge_rows(old.get("rows", []), rows))
-    commands = old.get("commands", []) + [command]
-    goals = [goal_check(merged, m, base, long) for m in dict.fromkeys(r["method"] for r in merged)]
-    path.write_text(json.dumps({"commands": commands, "environment": env, "goal": goals, "rows": merged}, indent=2,
-                               default=str) + "\n")
-    md = path.with_suffix(".md")
-    write_markdown(merged, md, [f"# Retrieval study, issue 14 ({env['device']}, {env['dtype']})", "",
-                                *[f"`{c}`" for c in commands], "",
-                                f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}",
-                                ""], base, long)
-    outputs = [path, md]
-    try:  # plots are a convenience; never lose the numbers over them
-        q = [r for r in merged if r["bench"] == "quality"]
-        outputs.append(plot_vs_length([r for r in q if r.get("ppl") is not None], "ppl",
-                                      out / f"retrieval_study_{tag}_ppl.png", "PG19 perplexity", "perplexity", True))
-        outputs.append(plot_vs_length([r for r in q if r.get("passkey") is not None], "passkey",
-                                      out / f"retrieval_study_{tag}_passkey.png", "Passkey retrieval", "accuracy"))
-        avg = [r for r in merged if r["bench"] == "ruler" and r["task"] == "average"]
-        if avg:
-            outputs.append(plot_vs_length(avg, "score", out / f"retrieval_study_{tag}_ruler.png",
-                                          "RULER-style tasks (average)", "score (fraction)"))
-    except Exception as exc:
-        print(f"[study] plotting failed: {exc}", flush=True)
     for g in goals:
         print(f"[study] goal {g['method']:>28}: passkey {g['passkey']}, ppl {g['ppl']}, RULER {g['ruler']} -> "
               f"{g['verdict']}", flush=True)
-    print(f"[study] wrote {path} and {md}", flush=True)
+    print(f"[study] wrote {path} and {path.with_suffix('.md')}", flush=True)
     copy_to_out(outputs)
     return 0
 

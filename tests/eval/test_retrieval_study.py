@@ -97,6 +97,33 @@ def test_merge_keeps_fields_and_recomputes_averages(study):
     assert sum(r["task"] == "average" for r in merged if r["bench"] == "ruler") == 1
 
 
+def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path,
+                                                       monkeypatch):
+    import chunkllama.eval.ruler as ruler
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    real, calls = ruler.answer_batch, []
+
+    def answer_then_cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the second method's first batch: the run is cut (a time limit's SIGINT)
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ruler, "answer_batch", answer_then_cut)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        study.main(["--model", str(model_dir), "--data", str(tiny_data), "--out-dir", str(out), "--tag", "cpu",
+                    "--methods", "none,dca", "--lengths", "512", "--passkey-trials", "0", "--ppl-windows", "0",
+                    "--ruler-samples", "2", "--ruler-batch-size", "2", "--ruler-tasks", "niah_single_1",
+                    "--ruler-max-new-tokens", "4"])
+    data = json.loads((out / "retrieval_study_cpu.json").read_text())
+    assert {(r["method"], r["task"]) for r in data["rows"]} == {("none", "niah_single_1"), ("none", "average")}
+    assert len(data["commands"]) == 1 and "ruler" in (out / "retrieval_study_cpu.md").read_text().lower()
+
+
 def test_estimate_fits_the_call_limit(study):
     """The default quality run of one length stays well under the 8 minutes asked for, at every length."""
     for length in (8192, 16384, 32768, 65536):

@@ -253,6 +253,17 @@ def test_batched_answers_equal_one_at_a_time(tiny_model, tiny_tokenizer, method)
     assert any(r["prediction"] for r in alone)
 
 
+def test_rows_are_handed_over_per_method_and_length(tiny_model, tiny_tokenizer):
+    from chunkllama.eval.ruler import evaluate_ruler
+
+    cells = []
+    rows, _ = evaluate_ruler(tiny_model, tiny_tokenizer, ["niah_single_1", "fwe"], [SHORT], ["none", "dca"],
+                             n_samples=1, max_new_tokens=2, progress=False, on_rows=lambda c: cells.append(list(c)))
+    assert [[(r["method"], r["task"]) for r in c] for c in cells] == [
+        [(m, "niah_single_1"), (m, "fwe"), (m, "average")] for m in ("none", "dca")]
+    assert [r for c in cells for r in c] == rows
+
+
 def test_batching_arguments_are_checked(tiny_model, tiny_tokenizer):
     from chunkllama.eval.ruler import evaluate_ruler
 

@@ -15,7 +15,7 @@ unweighted mean over the tasks run)::
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -122,6 +122,7 @@ def evaluate_ruler(
     max_new_tokens: int | None = None,
     batch_size: int = 1,
     progress: bool = True,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Score every (method, task, length) cell on ``n_samples`` prompts.
 
@@ -144,6 +145,8 @@ def evaluate_ruler(
         batch_size: answer this many prompts of a task at once (left-padded ``model.generate``);
             1 decodes each prompt alone, which is the only mode ``prefill_chunk`` works with.
         progress: show a progress bar.
+        on_rows: called with each method x length's rows (its tasks, then its average) as soon as
+            they are complete, e.g. to save them before a long run is cut short.
 
     Returns:
         ``(rows, samples)``: the rows described in the module docstring, and one record per prompt
@@ -211,5 +214,7 @@ def evaluate_ruler(
                 "score": rt.ruler_average(task_scores), "n_tasks": len(task_scores), "tasks": tasks,
                 "config": record,
             })
+            if on_rows is not None:
+                on_rows(rows[-len(tasks) - 1:])
     bar.close()
     return rows, records

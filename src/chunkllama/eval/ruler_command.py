@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 DEFAULT_METHODS = "none,yarn,ntk,dca"
 
@@ -95,13 +95,15 @@ def run_ruler(
     device: str | None = None,
     progress: bool = True,
     batch_size: int = 1,
+    on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """RULER-style tasks x lengths x methods; writes ``output`` and returns the rows.
 
     ``model`` is a name/path for :func:`chunkllama.load_model`, None for the default model, or a
     ``(model, tokenizer)`` pair. Output: ``summary.json``, ``samples.jsonl`` (every prompt's answer),
     ``table.md`` (scores per task and length for each method, then the averages) and
-    ``ruler_vs_length.png`` (the average against length).
+    ``ruler_vs_length.png`` (the average against length). ``on_rows``: as for
+    :func:`.ruler.evaluate_ruler` (each method x length's rows as soon as they are done).
     """
     from ..distributed import is_main_process
     from . import ruler_tasks as rt
@@ -124,6 +126,7 @@ def run_ruler(
         lm, tokenizer, settings.tasks, settings.lengths, settings.methods, n_samples, essay=settings.essay,
         seed=seed, depths=settings.depths, use_chat=chat, pretraining_length=pretraining_length,
         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
+        on_rows=on_rows,
     )
     averages = [r for r in rows if r["task"] == "average"]
     parts = []
