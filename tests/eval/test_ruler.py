@@ -301,6 +301,34 @@ def test_run_ruler_writes_report_and_checks_arguments_first(tiny_model, tiny_tok
         eval_ruler(model="/nonexistent/model", tasks="niah_single_2", data=str(tmp_path / "missing"))
 
 
+def test_a_cut_run_keeps_its_finished_rows(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
+    import chunkllama.eval.ruler as ruler
+    from chunkllama.eval.ruler_command import PARTIAL_ROWS, run_ruler
+
+    real, calls = ruler.answer, []
+
+    def answer_then_cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:  # the second method's first prompt: Ctrl-C
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ruler, "answer", answer_then_cut)
+    out = tmp_path / "ruler"
+    with pytest.raises(KeyboardInterrupt):
+        run_ruler((tiny_model, tiny_tokenizer), "none,dca", "fwe", [SHORT], str(out), n_samples=1, max_new_tokens=2,
+                  progress=False)
+    kept = [json.loads(line) for line in (out / PARTIAL_ROWS).read_text().splitlines()]
+    assert [(r["method"], r["task"]) for r in kept] == [("none", "fwe"), ("none", "average")]
+    assert not (out / "summary.json").exists()
+
+    monkeypatch.setattr(ruler, "answer", real)
+    rows = run_ruler((tiny_model, tiny_tokenizer), "none,dca", "fwe", [SHORT], str(out), n_samples=1, max_new_tokens=2,
+                     progress=False)
+    assert not (out / PARTIAL_ROWS).exists()  # the report holds every row now
+    assert json.loads((out / "summary.json").read_text())["rows"] == json.loads(json.dumps(rows))
+
+
 def test_cli_parser_accepts_eval_ruler():
     from chunkllama.cli import build_parser
     from chunkllama.eval.ruler_command import eval_ruler

@@ -8,11 +8,13 @@ the essays read) before a model is loaded.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 DEFAULT_METHODS = "none,yarn,ntk,dca"
+PARTIAL_ROWS = "rows_so_far.jsonl"  # finished method x length rows while a run is going
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +104,9 @@ def run_ruler(
     ``model`` is a name/path for :func:`chunkllama.load_model`, None for the default model, or a
     ``(model, tokenizer)`` pair. Output: ``summary.json``, ``samples.jsonl`` (every prompt's answer),
     ``table.md`` (scores per task and length for each method, then the averages) and
-    ``ruler_vs_length.png`` (the average against length). ``on_rows``: as for
-    :func:`.ruler.evaluate_ruler` (each method x length's rows as soon as they are done).
+    ``ruler_vs_length.png`` (the average against length). While it runs, ``rows_so_far.jsonl`` holds
+    the rows of every finished method x length, so a run cut short keeps them; it is removed once the
+    report is written. ``on_rows``: as for :func:`.ruler.evaluate_ruler`.
     """
     from ..distributed import is_main_process
     from . import ruler_tasks as rt
@@ -122,11 +125,23 @@ def run_ruler(
         lm, tokenizer = load_model(model, dtype=dtype, device=device, dca=False)  # each method applies itself
         name = model or "SmolLM2-135M-Instruct (default)"
         print(f"loaded {name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    partial = Path(output) / PARTIAL_ROWS
+    if is_main_process():
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("", encoding="utf-8")
+
+    def keep(cell: list[dict[str, Any]]) -> None:
+        if is_main_process():
+            with partial.open("a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, default=str) + "\n" for r in cell)
+        if on_rows is not None:
+            on_rows(cell)
+
     rows, samples = evaluate_ruler(
         lm, tokenizer, settings.tasks, settings.lengths, settings.methods, n_samples, essay=settings.essay,
         seed=seed, depths=settings.depths, use_chat=chat, pretraining_length=pretraining_length,
         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-        on_rows=on_rows,
+        on_rows=keep,
     )
     averages = [r for r in rows if r["task"] == "average"]
     parts = []
@@ -148,6 +163,7 @@ def run_ruler(
         write_report(output, "ruler", rows, samples, table, run_settings)
         plot_vs_length(averages, "score", Path(output) / "ruler_vs_length.png", "RULER-style tasks (average)",
                        "score (fraction)")
+        partial.unlink(missing_ok=True)  # summary.json now holds every row
     print(table, flush=True)
     return rows
 
