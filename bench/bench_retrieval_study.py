@@ -363,8 +363,9 @@ def main(argv: list[str] | None = None) -> int:
                              args.passkey_depths)
     path = out / f"retrieval_study_{tag}.json"
 
-    def save(new_rows: list[dict]) -> tuple[list[dict], list[dict], list[Path]]:
-        """Merge ``new_rows`` into the results file and rewrite it with its tables and plots."""
+    def save(new_rows: list[dict]) -> tuple[list[dict], list[Path]]:
+        """Merge ``new_rows`` into the results file and rewrite it with its tables and plots; returns the
+        goal check per method and the files written."""
         for row in new_rows:
             row.update(dtype=env["dtype"], commit=env["commit"])
         old = json.loads(path.read_text()) if path.is_file() else {}
@@ -393,9 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "RULER-style tasks (average)", "score (fraction)"))
         except Exception as exc:
             print(f"[study] plotting failed: {exc}", flush=True)
-        return merged, goals, outputs
+        return goals, outputs
 
-    merged, goals, outputs = save(rows)  # the quality rows (if any) before RULER starts
+    goals, outputs = save(rows)  # the quality rows (if any) before RULER starts
     if args.ruler_samples:
         from chunkllama.eval.ruler_command import run_ruler
 
@@ -404,10 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
 
         def save_cell(cell: list[dict]) -> None:  # each method x length as soon as it is done
-            nonlocal merged, goals, outputs
+            nonlocal goals, outputs
             seconds = round(time.perf_counter() - t0, 1)
-            merged, goals, outputs = save([{**r, "samples": args.ruler_samples, "seconds_run": seconds}
-                                           for r in cell if r["task"] != "average"])
+            goals, outputs = save([{**r, "samples": args.ruler_samples, "seconds_run": seconds}
+                                   for r in cell if r["task"] != "average"])
 
         run_ruler((model, tokenizer), args.methods, args.ruler_tasks, lengths, str(ruler_out),
                   args.ruler_samples, args.ruler_depths, args.data, args.seed, None, None,
