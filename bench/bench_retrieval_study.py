@@ -327,11 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.ruler_samples:
         from chunkllama.eval.ruler_command import check_settings
 
-        from chunkllama.eval.ruler import check_batching
-
         settings = check_settings(args.methods, args.ruler_tasks, lengths, args.ruler_samples, args.ruler_depths,
-                                  args.data, args.ruler_max_new_tokens)  # before the model loads
-        check_batching(args.ruler_batch_size, None)
+                                  args.data, args.ruler_max_new_tokens, args.ruler_batch_size)  # before the model loads
     n_tasks = len(settings.tasks) if settings else 0
     new_tokens = min(64.0, args.ruler_max_new_tokens or 64.0)
     total = 0.0

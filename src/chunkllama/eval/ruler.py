@@ -64,15 +64,25 @@ def build_samples(
     return samples
 
 
+def token_budget(sample: rt.RulerSample, max_new_tokens: int | None) -> int:
+    """Tokens ``sample``'s answer may take: the task's budget, capped by ``max_new_tokens`` when given."""
+    return sample.max_new_tokens if max_new_tokens is None else min(max_new_tokens, sample.max_new_tokens)
+
+
+def cleaned_answer(tokenizer: Any, new_tokens: Sequence[int], stops: set[int]) -> str:
+    """The generated tokens up to the first stop token, decoded and cleaned as RULER's evaluator does."""
+    return rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new_tokens, stops), skip_special_tokens=True))
+
+
 def answer(model: nn.Module, tokenizer: Any, sample: rt.RulerSample, stops: set[int],
            prefill_chunk: int | None = None, max_new_tokens: int | None = None) -> str:
     """The model's greedy answer to ``sample``, cut at the first stop token and cleaned like RULER.
 
     At most ``sample.max_new_tokens`` tokens are generated, fewer when ``max_new_tokens`` is smaller.
     """
-    limit = sample.max_new_tokens if max_new_tokens is None else min(max_new_tokens, sample.max_new_tokens)
-    new = pk.greedy_generate(model, sample.input_ids, limit, prefill_chunk=prefill_chunk, stop_ids=stops)
-    return rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True))
+    new = pk.greedy_generate(model, sample.input_ids, token_budget(sample, max_new_tokens), prefill_chunk=prefill_chunk,
+                             stop_ids=stops)
+    return cleaned_answer(tokenizer, new, stops)
 
 
 def answer_batch(model: nn.Module, tokenizer: Any, samples: Sequence[rt.RulerSample], stops: set[int],
@@ -82,8 +92,7 @@ def answer_batch(model: nn.Module, tokenizer: Any, samples: Sequence[rt.RulerSam
     Each row stops at its first token of ``stops`` (``generate`` pads the finished rows) and is cut
     and cleaned as :func:`answer` does; every row gets at most its own ``max_new_tokens`` budget.
     """
-    limits = [s.max_new_tokens if max_new_tokens is None else min(max_new_tokens, s.max_new_tokens)
-              for s in samples]
+    limits = [token_budget(s, max_new_tokens) for s in samples]
     width = max(len(s.input_ids) for s in samples)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stops, default=0)
     device = next(model.parameters()).device
@@ -98,11 +107,8 @@ def answer_batch(model: nn.Module, tokenizer: Any, samples: Sequence[rt.RulerSam
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits), do_sample=False,
             eos_token_id=sorted(stops) or None, pad_token_id=int(pad), temperature=None, top_p=None, top_k=None,
         )
-    answers = []
-    for row, limit in enumerate(limits):
-        new = out[row, width:width + limit].tolist()
-        answers.append(rt.postprocess_prediction(tokenizer.decode(cut_at_stop(new, stops), skip_special_tokens=True)))
-    return answers
+    return [cleaned_answer(tokenizer, out[row, width:width + limit].tolist(), stops)
+            for row, limit in enumerate(limits)]
 
 
 def evaluate_ruler(

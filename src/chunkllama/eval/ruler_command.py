@@ -40,16 +40,18 @@ def depth_list(depths: int | None) -> list[float] | None:
 def check_settings(
     methods: str | Sequence[str], tasks: str | Sequence[str] | None, lengths: str | Sequence[str] | Sequence[int],
     n_samples: int, depths: int | None, data: str | None, max_new_tokens: int | None = None,
+    batch_size: int = 1, prefill_chunk: int | None = None,
 ) -> RulerSettings:
     """Parse and check every argument; reads the essays when a selected task needs them.
 
     Raises:
-        ValueError: a bad method, task, length, sample count or depth count.
+        ValueError: a bad method, task, length, sample count, depth count or batch setting.
         FileNotFoundError: the essays are needed but not found under ``data``.
     """
     from . import ruler_tasks as rt
     from .commands import parse_lengths
     from .methods import parse_methods
+    from .ruler import check_batching
 
     specs = parse_methods(methods)
     names = rt.parse_tasks(tasks)
@@ -71,6 +73,7 @@ def check_settings(
         raise ValueError(f"--samples must be at least 1, got {n_samples}.")
     if max_new_tokens is not None and max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}.")
+    check_batching(batch_size, prefill_chunk)
     essay = None
     if rt.needs_essay(names):
         from .data import essays_text
@@ -111,10 +114,10 @@ def run_ruler(
     from ..distributed import is_main_process
     from . import ruler_tasks as rt
     from .report import pivot_table, plot_vs_length, write_report
-    from .ruler import check_batching, evaluate_ruler
+    from .ruler import evaluate_ruler
 
-    settings = check_settings(methods, tasks, lengths, n_samples, depths, data, max_new_tokens)
-    check_batching(batch_size, prefill_chunk)
+    settings = check_settings(methods, tasks, lengths, n_samples, depths, data, max_new_tokens, batch_size,
+                              prefill_chunk)
     if isinstance(model, tuple):
         lm, tokenizer = model
         name = "<given>"
