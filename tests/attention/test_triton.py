@@ -320,10 +320,12 @@ def test_gpu_matches_reference(case, dtype, request):
     (bf16 decode measured 1.36x on an H200 before the decode kernel split its softmax weights for P.V:
     the reference path decodes in fp32, so one bf16 rounding of the weights was over the rule.)"""
     if case[0] == "gpu_auto_small" and dtype == torch.bfloat16:
-        # head_dim 128 prefill keeps the single rounded query tile (the hi + lo split needs more shared
-        # memory than the H200's default tiles leave): measured 1.94x (0.00436 vs 0.00224) on 2026-12-03
-        request.applymarker(pytest.mark.xfail(reason="bf16 head_dim-128 prefill: 1.94x the reference error "
-                                              "(issue 16's precision goal, open)", strict=False))
+        # head_dim 128 prefill keeps the single rounded query tile by default: measured 1.94x (0.00436 vs
+        # 0.00224) on an H200. With CHUNKLLAMA_PREFILL_QSPLIT=1 the same case is 0.50x (0.00111) but the
+        # split's 64x64 tiles make head_dim-128 prefill 1.72x slower (bench/results/prefill_qsplit*_h200.md),
+        # slower than SDPA flash, so the split stays opt-in there (the split kind is tested below at 0.73x).
+        request.applymarker(pytest.mark.xfail(reason="bf16 head_dim-128 prefill without the query split: 1.94x "
+                                              "the reference error (issue 16's precision goal, open)", strict=False))
     result = run_case(case, dtype, "cuda")
     print(case[0], dtype, result)
     _check(result, dtype, ratio=1.2, atol=1e-5)

@@ -228,14 +228,22 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _decode_config() -> tuple[int, int, int, int]:
-    """(BLOCK_N, num_warps, num_stages, programs per SM) of the split pass."""
+LONG_CACHE = 98_304  # cache length from which the split pass runs 4 warps instead of 8
+
+
+def _decode_config(kv_len: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, num_warps, num_stages, programs per SM) of the split pass for a cache of ``kv_len`` keys.
+
+    From ``bench_attention.py --tune-decode`` on an H200 (graph replays, Llama-3-8B shapes,
+    ``results/attention_decode_h200*.md``): 64-key tiles in 3 stages beat the H100's 128 x 2 at every
+    length (16k 43 vs 51 us, 128k 189 vs 222 us); 4 warps win from ~128k (169 us) and lose below.
+    """
     if _INTERPRET:
         return 16, 1, 1, 1
     override = tuning_override("CHUNKLLAMA_DECODE_CONFIG", 4)  # "BN,warps,stages,programs_per_sm"
     if override:
         return override
-    return 128, 8, 2, 2  # best of bench_attention.py --tune-decode on an H100 (graph replays, 16k and 128k)
+    return 64, 8 if kv_len < LONG_CACHE else 4, 3, 2
 
 
 def query_split() -> bool:
@@ -268,7 +276,7 @@ def _launch(
     batch, q_heads, q_len, head_dim = query.shape
     kv_heads, kv_len = key.shape[1], key.shape[2]
     block_m = decode_rows(q_heads, kv_heads, q_len)
-    block_n, warps, stages, per_sm = _decode_config()
+    block_n, warps, stages, per_sm = _decode_config(kv_len)
     device = query.device
     if splits is None:
         sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device()) \
