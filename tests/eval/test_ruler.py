@@ -253,6 +253,38 @@ def test_batched_answers_equal_one_at_a_time(tiny_model, tiny_tokenizer, method)
     assert any(r["prediction"] for r in alone)
 
 
+def test_batches_outside_dca_shrink_to_fit_their_attention_mask():
+    from chunkllama.eval.methods import MethodSpec
+    from chunkllama.eval.ruler import method_batch_size
+
+    gib = 2**30
+    # 10 padded prompts of 64k in bf16 need an 80 GiB (B, 1, L, L) mask in the model's own attention
+    assert method_batch_size(MethodSpec("yarn"), 10, 65536, 2, budget_bytes=16 * gib) == 2
+    assert method_batch_size(MethodSpec("ntk"), 10, 32768, 2, budget_bytes=16 * gib) == 8
+    assert method_batch_size(MethodSpec("none"), 10, 65536, 4, budget_bytes=16 * gib) == 1
+    assert method_batch_size(MethodSpec("none"), 10, 8192, 2, budget_bytes=16 * gib) == 10
+    # DCA never forms the mask; batch size 1 stays 1
+    assert method_batch_size(MethodSpec("dca"), 10, 1 << 20, 2, budget_bytes=16 * gib) == 10
+    assert method_batch_size(MethodSpec("yarn"), 1, 8192, 2, budget_bytes=1) == 1
+
+
+def test_evaluate_ruler_uses_the_smaller_batches(tiny_model, tiny_tokenizer, monkeypatch):
+    from chunkllama.eval import ruler
+
+    sizes = []
+    real = ruler.answer_batch
+
+    def recording(model, tokenizer, samples, *args, **kwargs):
+        sizes.append(len(samples))
+        return real(model, tokenizer, samples, *args, **kwargs)
+
+    monkeypatch.setattr(ruler, "answer_batch", recording)
+    monkeypatch.setattr(ruler, "MASK_BUDGET_BYTES", 2 * SHORT * SHORT * 4)  # two fp32 rows of the mask
+    ruler.evaluate_ruler(tiny_model, tiny_tokenizer, ["fwe"], [SHORT], ["none", "dca"], n_samples=4, batch_size=4,
+                         max_new_tokens=2, progress=False)
+    assert sizes == [2, 2, 4]  # none: two batches of 2; dca: one batch of 4
+
+
 def test_rows_are_handed_over_per_method_and_length(tiny_model, tiny_tokenizer):
     from chunkllama.eval.ruler import evaluate_ruler
 

@@ -35,6 +35,25 @@ def check_batching(batch_size: int, prefill_chunk: int | None) -> None:
                          "leave one of them out.")
 
 
+MASK_BUDGET_BYTES = 16 * 2**30  # most memory a padded batch's attention mask may take in a non-DCA method
+
+
+def method_batch_size(spec: MethodSpec, batch_size: int, length: int, element_bytes: int,
+                      budget_bytes: int | None = None) -> int:
+    """Prompts per ``generate`` call for ``spec`` at ``length`` tokens.
+
+    DCA reads padding from the position ids and never forms a mask. Every other method runs the
+    model's own attention, which turns a padded batch's attention mask into a dense
+    ``(B, 1, L, L)`` tensor of ``element_bytes`` per entry (80 GiB for 10 prompts of 64k in bf16):
+    the batch shrinks until that tensor fits ``budget_bytes`` (default :data:`MASK_BUDGET_BYTES`; at
+    least one prompt).
+    """
+    if spec.name == "dca" or batch_size == 1:
+        return batch_size
+    budget = MASK_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    return max(1, min(batch_size, budget // (length * length * element_bytes)))
+
+
 def sample_depth(index: int, depths: Sequence[float] | None) -> float | None:
     """The target depth of sample ``index``: ``depths[index % len(depths)]``, or None (RULER's random)."""
     return None if not depths else float(depths[index % len(depths)])
@@ -83,6 +102,11 @@ def answer(model: nn.Module, tokenizer: Any, sample: rt.RulerSample, stops: set[
     new = pk.greedy_generate(model, sample.input_ids, token_budget(sample, max_new_tokens), prefill_chunk=prefill_chunk,
                              stop_ids=stops)
     return cleaned_answer(tokenizer, new, stops)
+
+
+def model_element_bytes(model: nn.Module) -> int:
+    """Bytes per element of the model's floating-point parameters (its attention masks' dtype)."""
+    return next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
 
 
 def answer_batch(model: nn.Module, tokenizer: Any, samples: Sequence[rt.RulerSample], stops: set[int],
@@ -150,6 +174,7 @@ def evaluate_ruler(
             30 vt, 120 cwe, 50 fwe); prompts are fitted to the task's own budget either way.
         batch_size: answer this many prompts of a task at once (left-padded ``model.generate``);
             1 decodes each prompt alone, which is the only mode ``prefill_chunk`` works with.
+            Methods other than DCA may take fewer at long lengths (:func:`method_batch_size`).
         progress: show a progress bar.
         on_rows: called with each method x length's rows (its tasks, then its average) as soon as
             they are complete, e.g. to save them before a long run is cut short.
@@ -181,6 +206,10 @@ def evaluate_ruler(
             for task in tasks
         }
         for spec in specs:
+            run_batch = method_batch_size(spec, batch_size, length, model_element_bytes(model))
+            if run_batch < batch_size:
+                bar.write(f"ruler {spec.label}: batches of {run_batch} at L={length} (a padded batch of "
+                          f"{batch_size} needs a dense attention mask outside DCA; see method_batch_size)")
             with method_applied(model, spec, length, pretraining_length) as record:
                 task_scores = []
                 for task in tasks:
@@ -188,9 +217,9 @@ def evaluate_ruler(
                     scores: list[float] = []
                     by_depth: dict[float, list[float]] = {}
                     predictions: list[str] = []
-                    for start in range(0, len(prompts[task]), batch_size):
-                        batch = prompts[task][start:start + batch_size]
-                        if batch_size == 1:
+                    for start in range(0, len(prompts[task]), run_batch):
+                        batch = prompts[task][start:start + run_batch]
+                        if run_batch == 1:
                             predictions.append(answer(model, tokenizer, batch[0], stops, prefill_chunk, max_new_tokens))
                         else:
                             predictions += answer_batch(model, tokenizer, batch, stops, max_new_tokens)
