@@ -18,7 +18,10 @@ Shapes: batch 1, 32 query heads / 8 KV heads, head_dim 128 (SmolLM2-135M: ``--q-
   heads, as an unpatched model does): cuDNN on Hopper with recent torch, which the end-to-end
   comparison meets.
 - decode ``sdpa_default_graph_ms``: one query through SDPA with no backend forced, K/V repeated to the
-  query heads (what the unpatched model's decode step runs), as CUDA-graph replays.
+  query heads (transformers' ``repeat_kv`` path, taken when an attention mask is passed, e.g. padded
+  batches), as CUDA-graph replays. A batch-1 decode in transformers 5.x passes no mask and calls SDPA
+  with ``enable_gqa`` instead (cuDNN on Hopper; ``results/decode_generate_profile_after.md`` times it in
+  the model).
 - ``three_call_ms``: the published approach: three rotated copies of the queries, per query chunk one
   causal flash call (own chunk), one over the previous chunk and one over all earlier chunks, merged
   by log-sum-exp in fp32 (``torch.ops.aten._scaled_dot_product_flash_attention``, which returns the LSE;
@@ -233,7 +236,7 @@ def run_decode(T: int, rope, config, scale, rows: list, info: dict) -> None:
         sdpa_ms, sdpa_kind = packed_ms, "flash, query heads of a group packed as rows"
     sdpa_fn = sdpa if sdpa_kind == "flash enable_gqa" else sdpa_packed
     dca_graph, sdpa_graph = graph_ms(dca), graph_ms(sdpa_fn)
-    # what an unpatched model decodes with: SDPA with no backend forced (cuDNN on Hopper), K/V repeated
+    # SDPA with no backend forced on K/V repeated to the query heads (transformers' masked path)
     k_rep, v_rep = k.repeat_interleave(HQ // HK, dim=1), v.repeat_interleave(HQ // HK, dim=1)
     default_graph = graph_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, scale=scale))
     del k_rep, v_rep

@@ -20,11 +20,19 @@ every generated step (then the answers must match), else a near-tie (reported ap
 Prompts run depth by depth, each depth at every length, so a run cut short still covers the lengths.
 ``precision.json``, ``precision.md`` and ``precision.jsonl`` (one row per prompt) are rewritten after
 every prompt; no new prompt starts after ``--max-seconds`` (the summary says how many ran).
+
+Control (``--control``, on by default): the same bf16 model with its DCA attention computed in fp32
+(the reference path on the layer's bf16 query/keys/values upcast, output rounded back to bf16; the
+benchmark swaps the function the patched layers call, for this one forward). Its last-token error is
+what the rest of the bf16 model costs with an attention that adds no rounding of its own: when both
+paths sit near it, their difference from each other is the noise of where rounding errors land,
+not a less exact kernel.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -87,6 +95,35 @@ def run(model, ids: torch.Tensor, new_tokens: int, backend: str) -> dict:
     return {"tokens": out.sequences[0, ids.shape[1]:].tolist(), "last_logits": logits[0], "gaps": gaps}
 
 
+@contextlib.contextmanager
+def fp32_attention():
+    """Inside the block, every patched layer's DCA attention runs in fp32 (reference path) on its
+    bf16 inputs upcast, and returns bf16: an attention with no low-precision rounding of its own."""
+    from chunkllama import patching
+
+    original = patching.dca_attention
+
+    def upcast(query, key, value, *args, **kwargs):
+        kwargs["backend"] = "reference"
+        return original(query.float(), key.float(), value.float(), *args, **kwargs).to(query.dtype)
+
+    patching.dca_attention = upcast
+    try:
+        yield
+    finally:
+        patching.dca_attention = original
+
+
+def last_logits(model, ids: torch.Tensor, backend: str) -> torch.Tensor:
+    """The prompt's last-token logits ``(vocab,)`` fp32, from one patched forward."""
+    chunkllama.apply_dca(model, backend=backend)
+    try:
+        with torch.no_grad():
+            return model(ids, logits_to_keep=1).logits[0, -1].float()
+    finally:
+        chunkllama.remove_dca(model)
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "max": max(values), "mean": statistics.fmean(values)}
 
@@ -101,6 +138,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--tie-gap", type=float, default=0.1)
+    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
+                        help="also measure the bf16 model with its attention in fp32 (see above)")
     parser.add_argument("--max-seconds", type=float, default=170.0, help="start no prompt after this many seconds")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     parser.add_argument("--smoke", action="store_true",
@@ -130,10 +169,7 @@ def main() -> None:
                 break
             prompt, place, word = build_prompt(tokenizer, ids_all, length, depth, len(rows))
             ids = torch.tensor([prompt], device=device)
-            chunkllama.apply_dca(model_fp32, backend="reference")
-            with torch.no_grad():
-                fp32_logits = model_fp32(ids, logits_to_keep=1).logits[0, -1].float()
-            chunkllama.remove_dca(model_fp32)
+            fp32_logits = last_logits(model_fp32, ids, "reference")
             ref = run(model, ids, args.new_tokens, "reference")
             row = {
                 "length": len(prompt), "depth": depth, "word": word,
@@ -141,6 +177,10 @@ def main() -> None:
                 "reference_min_gap": min(ref["gaps"]), "reference_text": tokenizer.decode(ref["tokens"]),
                 "fp32_top1": int(fp32_logits.argmax()), "reference_top1": int(ref["last_logits"].argmax()),
             }
+            if args.control:
+                with fp32_attention():
+                    control = last_logits(model, ids, "reference")
+                row["fp32_attention_error"] = float((control - fp32_logits).abs().max())
             for variant in args.variants:
                 saved = {flag: os.environ.get(flag) for flag in SPLIT_FLAGS}
                 os.environ.update({flag: VARIANTS[variant] for flag in SPLIT_FLAGS})
@@ -171,6 +211,8 @@ def main() -> None:
 def write_results(rows: list[dict], args, info: dict) -> None:
     """``precision.json`` and ``precision.md`` from the rows so far."""
     stats = {"reference": summary([r["reference_error"] for r in rows])}
+    if args.control:
+        stats["fp32_attention"] = summary([r["fp32_attention_error"] for r in rows])
     for variant in args.variants:
         stats[f"triton_{variant}"] = summary([r[f"triton_{variant}_error"] for r in rows])
         decisive = [r for r in rows if r["decisive"]]
@@ -199,21 +241,30 @@ def write_results(rows: list[dict], args, info: dict) -> None:
         f"| reference bf16 | {stats['reference']['median']:.4f} | {stats['reference']['mean']:.4f} | "
         f"{stats['reference']['max']:.4f} | — | — | — |",
     ]
+    if args.control:
+        c = stats["fp32_attention"]
+        lines.insert(-1, f"| control: bf16 model, attention in fp32 | {c['median']:.4f} | {c['mean']:.4f} | "
+                         f"{c['max']:.4f} | {sum(r['fp32_attention_error'] <= r['reference_error'] for r in rows)}/"
+                         f"{len(rows)} | — | — |")
     for variant in args.variants:
         s = stats[f"triton_{variant}"]
         lines.append(f"| Triton bf16 ({variant}) | {s['median']:.4f} | {s['mean']:.4f} | {s['max']:.4f} | "
                      f"{s['prompts_error_at_most_reference']}/{len(rows)} | "
                      f"{s['decisive_matching']}/{s['decisive_prompts']} | {s['near_tie_matching']}/{s['near_tie_prompts']} |")
-    lines += ["", "| tokens | depth | word | reference error | " + " | ".join(f"Triton {v} error" for v in args.variants)
+    control_head = " control error |" if args.control else ""
+    lines += ["", "| tokens | depth | word | reference error |" + control_head + " "
+              + " | ".join(f"Triton {v} error" for v in args.variants)
               + " | reference min top-2 gap | " + " | ".join(f"{v} same tokens" for v in args.variants)
               + " | reference answer |",
-              "|---|---|---|---|" + "---|" * len(args.variants) + "---|" + "---|" * len(args.variants) + "---|"]
+              "|---|---|---|---|" + "---|" * (len(args.variants) + args.control) + "---|"
+              + "---|" * len(args.variants) + "---|"]
     for r in rows:
         same = " | ".join("yes" if r[f"triton_{v}_same_tokens"] else f"no (step {r[f'triton_{v}_first_difference']})"
                           for v in args.variants)
         errors = " | ".join(f"{r[f'triton_{v}_error']:.4f}" for v in args.variants)
         answer = r["reference_text"].replace("\n", " ").replace("|", "/")[:80]
-        lines.append(f"| {r['length']} | {r['depth']} | {r['word']} | {r['reference_error']:.4f} | {errors} | "
+        control = f" {r['fp32_attention_error']:.4f} |" if args.control else ""
+        lines.append(f"| {r['length']} | {r['depth']} | {r['word']} | {r['reference_error']:.4f} |{control} {errors} | "
                      f"{r['reference_min_gap']:.3f} | {same} | {answer} |")
     (args.out / "precision.md").write_text("\n".join(lines + [""]))
 
