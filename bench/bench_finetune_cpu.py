@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +50,7 @@ def main() -> None:
     from chunkllama.models import converted_gguf_dir, default_gguf_path
     from chunkllama.training import load_finetuned
     from chunkllama.training.command import finetune
-    from chunkllama.training.longchat import build_retrieval_chats
+    from chunkllama.training.longchat import answer_chats, build_retrieval_chats
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -69,7 +68,7 @@ def main() -> None:
     base, _ = load_model(None, device="cpu", dca=False)
     apply_dca(base, args.pretraining_length)
     base_dca = get_dca_config(base)
-    untrained = answer(base, tokenizer, heldout)
+    untrained = answer_chats(base, tokenizer, heldout)
     del base
 
     start = time.perf_counter()
@@ -81,7 +80,7 @@ def main() -> None:
     assert DCAConfig.from_hf_dict(log["dual_chunk_attention_config"]) == base_dca
 
     model, tok = load_finetuned(work / "adapter", device="cpu")
-    answers = answer(model, tok, heldout)
+    answers = answer_chats(model, tok, heldout)
 
     result = {
         "command": "python bench/bench_finetune_cpu.py " + " ".join(
@@ -132,21 +131,6 @@ def markdown(result: dict) -> str:
         *[f"| {a['depth']} | {a['expected']} | {cell(a['got'])} | {cell(u['got'])} |" for a, u in zip(answers, untrained)],
     ]
     return "\n".join(md) + "\n"
-
-
-def answer(model, tokenizer, chats) -> list[dict]:
-    """Greedy answers to each chat's first turn; ``correct``: the expected 5-digit code is in the answer."""
-    answers = []
-    for chat in chats:
-        prompt = tokenizer.apply_chat_template(chat["messages"][:1], add_generation_prompt=True, return_tensors="pt",
-                                               return_dict=True)
-        with torch.no_grad():
-            out = model.generate(**prompt, max_new_tokens=24, do_sample=False)
-        text = tokenizer.decode(out[0, prompt["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        code = re.search(r"\d{5}", chat["messages"][1]["content"]).group(0)
-        answers.append({"depth": chat["depth"], "expected": chat["messages"][1]["content"], "got": text,
-                        "correct": code in text})
-    return answers
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ sits, not merely the last number it saw.
 from __future__ import annotations
 
 import random
+import re
 from typing import Any, Sequence
 
 ADJECTIVES = ("amber", "silent", "crimson", "golden", "hollow", "northern", "velvet", "broken", "distant", "quiet")
@@ -86,3 +87,29 @@ def build_retrieval_chats(
         passage = tokenizer.decode(ids[start : start + length]).strip()
         out.append(retrieval_chat(passage, rng, facts=rng.randint(1, max_facts)))
     return out
+
+
+def answer_chats(model: Any, tokenizer: Any, chats: Sequence[dict[str, Any]], max_new_tokens: int = 24) -> list[dict[str, Any]]:
+    """Greedy answers of ``model`` to each chat's question (its first turn, in the chat template).
+
+    Returns one record per chat: ``depth``, ``expected`` (the assistant turn), ``got`` (the answer)
+    and ``correct`` (the expected 5-digit code appears in the answer).
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    records = []
+    for chat in chats:
+        prompt = tokenizer.apply_chat_template(chat["messages"][:1], add_generation_prompt=True, return_tensors="pt",
+                                               return_dict=True)
+        ids = prompt["input_ids"].to(device)
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=pad)
+        text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        expected = chat["messages"][1]["content"]
+        code = re.search(r"\d{5}", expected).group(0)
+        records.append({"depth": chat["depth"], "tokens": int(ids.shape[1]), "expected": expected, "got": text,
+                        "correct": code in text})
+    return records
