@@ -55,6 +55,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from chunkllama.eval.commands import parse_lengths  # noqa: E402
+from chunkllama.eval.ruler import method_batch_size  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_info import copy_to_out, git_commit, slug  # noqa: E402
@@ -83,15 +84,16 @@ def decode_step_s(length: int) -> float:
 
 def estimate_seconds(n_methods: int, length: int, passkey_trials: int, ppl_windows: int, ruler_samples: int,
                      n_ruler_tasks: int = N_RULER_TASKS, ruler_new_tokens: float = 64.0,
-                     ruler_batch: int = 1) -> dict[str, float]:
+                     ruler_batch: int | Sequence[int] = 1) -> dict[str, float]:
     """Estimated seconds of one run at one length: ``quality``, ``ruler`` (answers of ``ruler_new_tokens``
-    tokens on average, about half of RULER's budgets; ``ruler_batch`` prompts decoded per step) and
-    ``total`` (with :data:`SETUP_S`)."""
+    tokens on average, about half of RULER's budgets; ``ruler_batch`` prompts decoded per step, one
+    number for every method or one per method) and ``total`` (with :data:`SETUP_S`)."""
     quality = n_methods * (passkey_trials + ppl_windows) * forward_s(length)
     n_prompts = n_ruler_tasks * ruler_samples
     build = n_prompts * length / 65536  # once per length, shared by the methods
-    steps = n_ruler_tasks * -(-ruler_samples // ruler_batch) * ruler_new_tokens
-    ruler = build + n_methods * (n_prompts * forward_s(length) + steps * decode_step_s(length))
+    batches = [ruler_batch] * n_methods if isinstance(ruler_batch, int) else list(ruler_batch)
+    steps = [n_ruler_tasks * -(-ruler_samples // b) * ruler_new_tokens for b in batches]
+    ruler = build + sum(n_prompts * forward_s(length) + n * decode_step_s(length) for n in steps)
     return {"quality": quality, "ruler": ruler if ruler_samples else 0.0,
             "total": SETUP_S + quality + (ruler if ruler_samples else 0.0)}
 
@@ -333,8 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = min(64.0, args.ruler_max_new_tokens or 64.0)
     total = 0.0
     for length in lengths:
+        batches = [method_batch_size(spec, args.ruler_batch_size, length, 2) for spec in specs]  # bf16 masks
         e = estimate_seconds(len(specs), length, args.passkey_trials, args.ppl_windows, args.ruler_samples, n_tasks,
-                             new_tokens, args.ruler_batch_size)
+                             new_tokens, batches)
         total += e["total"] - SETUP_S
         print(f"[study] estimate on an H200, L={_fmt_len(length)}: quality {e['quality'] / 60:.1f} min, "
               f"RULER {e['ruler'] / 60:.1f} min", flush=True)

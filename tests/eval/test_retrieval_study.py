@@ -132,6 +132,9 @@ def test_estimate_fits_the_call_limit(study):
     assert study.estimate_seconds(6, 65536, 20, 2, 0)["quality"] > study.estimate_seconds(6, 8192, 20, 2, 0)["quality"]
     one, ten = (study.estimate_seconds(4, 65536, 0, 0, 10, 11, 64.0, b)["ruler"] for b in (1, 10))
     assert ten < one / 2  # batching divides the decode steps, not the prefills or the prompt building
+    per_method = study.estimate_seconds(2, 65536, 0, 0, 10, 11, 64.0, [10, 1])["ruler"]  # dca 10, yarn 1 at 64k
+    halves = [study.estimate_seconds(2, 65536, 0, 0, 10, 11, 64.0, b)["ruler"] for b in (10, 1)]
+    assert halves[0] < per_method < halves[1] and per_method == pytest.approx(sum(halves) / 2)
 
 
 def test_script_end_to_end(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path):
