@@ -208,8 +208,9 @@ def evaluate_ruler(
         for spec in specs:
             run_batch = method_batch_size(spec, batch_size, length, model_element_bytes(model))
             if run_batch < batch_size:
-                bar.write(f"ruler {spec.label}: batches of {run_batch} at L={length} (a padded batch of "
-                          f"{batch_size} needs a dense attention mask outside DCA; see method_batch_size)")
+                mask_gib = batch_size * length * length * model_element_bytes(model) / 2**30
+                bar.write(f"ruler {spec.label}: batches of {run_batch} at L={length}, not {batch_size}: outside DCA "
+                          f"the model's attention would expand the padding mask to {mask_gib:.0f} GiB")
             with method_applied(model, spec, length, pretraining_length) as record:
                 task_scores = []
                 for task in tasks:

@@ -92,8 +92,8 @@ def build_retrieval_chats(
 def answer_chats(model: Any, tokenizer: Any, chats: Sequence[dict[str, Any]], max_new_tokens: int = 24) -> list[dict[str, Any]]:
     """Greedy answers of ``model`` to each chat's question (its first turn, in the chat template).
 
-    Returns one record per chat: ``depth``, ``expected`` (the assistant turn), ``got`` (the answer)
-    and ``correct`` (the expected 5-digit code appears in the answer).
+    Returns one record per chat: ``depth``, ``tokens`` (prompt length), ``expected`` (the assistant
+    turn), ``got`` (the answer) and ``correct`` (the expected 5-digit code appears in the answer).
     """
     import torch
 
