@@ -307,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ruler-max-new-tokens", type=int, default=None, help="cap on answer tokens (default RULER's)")
     ap.add_argument("--ruler-batch-size", type=int, default=1,
                     help="RULER prompts of a task answered at once (left-padded generate; GPU)")
+    ap.add_argument("--ruler-sample-cache", default=None, metavar="DIR",
+                    help="keep the built RULER prompts here and reuse them in later runs (~1 s per 64k prompt)")
     ap.add_argument("--seed", type=int, default=42, help="RULER prompts' seed")
     ap.add_argument("--goal-base", default="8k", help="goal check: ppl base length")
     ap.add_argument("--goal-long", default="32k,64k", help="goal check: long lengths")
@@ -412,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
 
         run_ruler((model, tokenizer), args.methods, args.ruler_tasks, lengths, str(ruler_out),
                   args.ruler_samples, args.ruler_depths, args.data, args.seed, None, None,
-                  args.ruler_max_new_tokens, progress=False, batch_size=args.ruler_batch_size, on_rows=save_cell)
+                  args.ruler_max_new_tokens, progress=False, batch_size=args.ruler_batch_size, on_rows=save_cell,
+                  sample_cache=args.ruler_sample_cache)
     seconds = time.perf_counter() - t_start
     print(f"[study] measured in {seconds:.0f}s ({seconds / 60:.1f} min, after model load)", flush=True)
     for g in goals:

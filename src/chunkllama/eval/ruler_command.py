@@ -101,6 +101,7 @@ def run_ruler(
     progress: bool = True,
     batch_size: int = 1,
     on_rows: Callable[[list[dict[str, Any]]], None] | None = None,
+    sample_cache: str | None = None,
 ) -> list[dict[str, Any]]:
     """RULER-style tasks x lengths x methods; writes ``output`` and returns the rows.
 
@@ -109,7 +110,7 @@ def run_ruler(
     ``table.md`` (scores per task and length for each method, then the averages) and
     ``ruler_vs_length.png`` (the average against length). While it runs, ``rows_so_far.jsonl`` holds
     the rows of every finished method x length, so a run cut short keeps them; it is removed once the
-    report is written. ``on_rows``: as for :func:`.ruler.evaluate_ruler`.
+    report is written. ``on_rows``, ``sample_cache``: as for :func:`.ruler.evaluate_ruler`.
     """
     from ..distributed import is_main_process
     from . import ruler_tasks as rt
@@ -144,7 +145,7 @@ def run_ruler(
         lm, tokenizer, settings.tasks, settings.lengths, settings.methods, n_samples, essay=settings.essay,
         seed=seed, depths=settings.depths, use_chat=chat, pretraining_length=pretraining_length,
         prefill_chunk=prefill_chunk, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=progress,
-        on_rows=keep,
+        on_rows=keep, sample_cache=sample_cache,
     )
     averages = [r for r in rows if r["task"] == "average"]
     parts = []
@@ -189,6 +190,7 @@ def eval_ruler(
     dtype: str | None = None,
     device: str | None = None,
     batch_size: int = 1,
+    sample_cache: str | None = None,
     progress: bool = True,
 ) -> int:
     """RULER-style synthetic tasks (NIAH variants, variable tracking, common/frequent words).
@@ -218,8 +220,11 @@ def eval_ruler(
             when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         batch_size: answer this many prompts of a task at once (left padding, one generate call);
             faster on a GPU, same prompts; not with --prefill-chunk.
+        sample_cache: folder to keep the built prompts in; a later run with the same tokenizer, tasks,
+            lengths, samples, seed, depths and essays loads them instead of building them again
+            (~1 s per 64k-token prompt).
         progress: show progress bars.
     """
     run_ruler(model, methods, tasks, lengths, output, samples, depths, data, seed, chat, prefill_chunk,
-              max_new_tokens, pretraining_length, dtype, device, progress, batch_size)
+              max_new_tokens, pretraining_length, dtype, device, progress, batch_size, sample_cache=sample_cache)
     return 0
