@@ -57,7 +57,7 @@ def main() -> None:
             loaded = ruler_cache.load_samples(args.cache, task, length, key)
             loaded_s += time.perf_counter() - t0
             assert loaded == samples, task
-        size = sum(p.stat().st_size for p in args.cache.glob(f"*-{length}-*.json"))
+        size = sum(p.stat().st_size for p in args.cache.glob(f"*-{length}-*.json.gz"))
         rows.append({"L": length, "tasks": len(settings.tasks), "samples": args.samples, "build_s": round(built_s, 1),
                      "load_s": round(loaded_s, 2), "cache_mib": round(size / 2**20, 1),
                      "machine": f"{platform.machine()} CPU", "transformers": transformers.__version__})

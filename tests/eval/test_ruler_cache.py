@@ -44,14 +44,14 @@ def test_a_broken_file_is_built_again(tiny_tokenizer, tmp_path):
     key = _key(tiny_tokenizer)
     path = ruler_cache.save_samples(tmp_path, "niah_single_1", SHORT, key,
                                     ruler.build_samples(tiny_tokenizer, "niah_single_1", SHORT, 2))
-    path.write_text(path.read_text()[:100])
+    path.write_bytes(path.read_bytes()[:100])
     assert ruler_cache.load_samples(tmp_path, "niah_single_1", SHORT, key) is None
 
 
 def test_second_run_loads_instead_of_building(tiny_model, tiny_tokenizer, tmp_path, monkeypatch):
     kwargs = dict(n_samples=2, depths=[0.25, 0.75], max_new_tokens=3, progress=False, sample_cache=tmp_path / "cache")
     first, _ = ruler.evaluate_ruler(tiny_model, tiny_tokenizer, ["niah_single_1", "fwe"], [SHORT], ["dca"], **kwargs)
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    assert len(list((tmp_path / "cache").glob("*.json.gz"))) == 2
 
     def no_building(*args, **kwargs):
         raise AssertionError("the cached prompts should have been loaded")

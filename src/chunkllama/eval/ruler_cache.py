@@ -3,10 +3,11 @@
 Building a prompt fits its haystack to the length by tokenizing it several times: about 1 s per
 64k-token prompt on one core, so 11 tasks x 10 samples cost ~2 minutes of every run at 64k, on a
 GPU machine too. With a cache folder, each (task, length) is built once and later runs with the
-same inputs load it (a JSON file per task and length).
+same inputs load it (a gzip-compressed JSON file per task and length: ~4 MB for 10 prompts of 64k,
+small enough to carry to a GPU machine).
 
-A file is found only by a key over everything the prompts depend on: the tokenizer (its class,
-vocabulary, chat template and special tokens), the task, length, number of samples, seed, depths,
+A file is found only by a key over everything the prompts depend on: the tokenizer (its definition,
+chat template and special tokens), the task, length, number of samples, seed, depths,
 chat setting, the essay words, and the source of :mod:`.ruler_tasks` itself (a changed generator
 never meets prompts of the old one).
 """
@@ -14,6 +15,7 @@ never meets prompts of the old one).
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import inspect
 import json
@@ -31,10 +33,13 @@ def _digest(value: Any) -> str:
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
-    """A digest of what a tokenizer turns text into: class, vocabulary, chat template, special tokens."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    return _digest([type(tokenizer).__name__, vocab, getattr(tokenizer, "chat_template", None),
-                    getattr(tokenizer, "special_tokens_map", None)])
+    """A digest of what a tokenizer turns text into: its whole definition for a fast tokenizer (vocabulary,
+    merges, normalizer, pre-tokenizer: ``tokenizer.json``), else its class and vocabulary; with the chat
+    template and special tokens. The class name of a fast tokenizer is left out: transformers releases name
+    the same tokenizer differently."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else [type(tokenizer).__name__, sorted(tokenizer.get_vocab().items())]
+    return _digest([definition, getattr(tokenizer, "chat_template", None), getattr(tokenizer, "special_tokens_map", None)])
 
 
 def samples_key(
@@ -49,7 +54,7 @@ def samples_key(
 
 
 def _path(directory: str | os.PathLike[str], task: str, length: int, key: str) -> Path:
-    return Path(directory) / f"{task}-{length}-{key[:20]}.json"
+    return Path(directory) / f"{task}-{length}-{key[:20]}.json.gz"
 
 
 def _from_dict(data: dict[str, Any]) -> rt.RulerSample:
@@ -63,11 +68,12 @@ def load_samples(directory: str | os.PathLike[str], task: str, length: int, key:
     """The samples saved under ``key``, or None when there are none (or the file is unreadable)."""
     path = _path(directory, task, length, key)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            data = json.load(f)
         if data.get("key") != key:
             return None
         return [_from_dict(s) for s in data["samples"]]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, EOFError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -76,8 +82,9 @@ def save_samples(directory: str | os.PathLike[str], task: str, length: int, key:
     """Write ``samples`` under ``key`` (to a temporary file first, so a cut run leaves no half file)."""
     path = _path(directory, task, length, key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "samples": [dataclasses.asdict(s) for s in samples]}), encoding="utf-8")
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    with gzip.open(tmp, "wt", encoding="utf-8", compresslevel=6) as f:
+        json.dump({"key": key, "samples": [dataclasses.asdict(s) for s in samples]}, f)
     os.replace(tmp, path)
     return path
 
