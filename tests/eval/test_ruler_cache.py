@@ -40,6 +40,16 @@ def test_every_input_changes_the_key(tiny_tokenizer):
     assert other != base
 
 
+def test_tokenizer_fingerprint_follows_what_tokenizes(tiny_tokenizer, tiny_chat_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path / "tok")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    fingerprint = ruler_cache.tokenizer_fingerprint
+    assert fingerprint(reloaded) == fingerprint(tiny_tokenizer)  # the same tokenizer, another object
+    assert fingerprint(tiny_chat_tokenizer) != fingerprint(tiny_tokenizer)  # a chat template changes prompts
+
+
 def test_a_broken_file_is_built_again(tiny_tokenizer, tmp_path):
     key = _key(tiny_tokenizer)
     path = ruler_cache.save_samples(tmp_path, "niah_single_1", SHORT, key,
