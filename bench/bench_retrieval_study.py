@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ruler-batch-size", type=int, default=1,
                     help="RULER prompts of a task answered at once (left-padded generate; GPU)")
     ap.add_argument("--ruler-sample-cache", default=None, metavar="DIR",
-                    help="keep the built RULER prompts here and reuse them in later runs (~1 s per 64k prompt)")
+                    help="keep the built RULER prompts here and reuse them in later runs (see bench_ruler_prompts.py)")
     ap.add_argument("--seed", type=int, default=42, help="RULER prompts' seed")
     ap.add_argument("--goal-base", default="8k", help="goal check: ppl base length")
     ap.add_argument("--goal-long", default="32k,64k", help="goal check: long lengths")

@@ -182,7 +182,7 @@ def evaluate_ruler(
         on_rows: called with each method x length's rows (its tasks, then its average) as soon as
             they are complete, e.g. to save them before a long run is cut short.
         sample_cache: a folder to keep the built prompts in and load them from when every input they
-            depend on is the same (:mod:`.ruler_cache`); building costs ~1 s per 64k-token prompt.
+            depend on is the same (:mod:`.ruler_cache`).
 
     Returns:
         ``(rows, samples)``: the rows described in the module docstring, and one record per prompt

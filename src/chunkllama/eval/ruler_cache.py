@@ -1,8 +1,8 @@
 """RULER prompts kept on disk and reused by later runs.
 
-Building a prompt fits its haystack to the length by tokenizing it several times: about 1 s per
-64k-token prompt on one core, so 11 tasks x 10 samples cost ~2 minutes of every run at 64k, on a
-GPU machine too. With a cache folder, each (task, length) is built once and later runs with the
+Building a prompt fits its haystack to the length by tokenizing it several times: 11 tasks x 10
+prompts of 64k took 71 s on this project's CPU (``bench/results/ruler_prompts.md``), and that much of
+every run at 64k, on a GPU machine too. With a cache folder, each (task, length) is built once and later runs with the
 same inputs load it (a gzip-compressed JSON file per task and length: 14 MiB for 11 tasks x 10 prompts of 64k,
 small enough to carry to a GPU machine).
 

@@ -222,7 +222,7 @@ def eval_ruler(
             faster on a GPU, same prompts; not with --prefill-chunk.
         sample_cache: folder to keep the built prompts in; a later run with the same tokenizer, tasks,
             lengths, samples, seed, depths and essays loads them instead of building them again
-            (~1 s per 64k-token prompt).
+            (building 11 tasks x 10 prompts of 64k took 71 s on a CPU, loading them 0.8 s).
         progress: show progress bars.
     """
     run_ruler(model, methods, tasks, lengths, output, samples, depths, data, seed, chat, prefill_chunk,
