@@ -17,6 +17,7 @@ On the CPU the kernels run under ``TRITON_INTERPRET=1`` in one subprocess (see
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -45,6 +46,7 @@ CPU_CASES = [
     ("dispatch_auto", "auto", 2, 4, 2, 33, 64, 64, 32, (0, 7)),
     ("dispatch_auto_decode", "auto", 2, 4, 2, 1, 64, 64, 32, (0, 7)),
     ("cache_slice", "slice", 2, 4, 1, 1, 70, 64, 32, (0, 5)),  # keys a view of a longer cache
+    ("decode_tiles64", "decode_tiles64", 2, 4, 1, 1, 150, 64, 32, (0, 5)),  # the GPU's 64-key tiles
 ]
 
 
@@ -139,6 +141,12 @@ def run_case(case, dtype, device):
         out = dca_decode(*args)
     elif kind == "decode20":
         out = dca_decode(*args, splits=20)
+    elif kind == "decode_tiles64":
+        os.environ["CHUNKLLAMA_DECODE_CONFIG"] = "64,1,1,2"
+        try:
+            out = dca_decode(*args)
+        finally:
+            del os.environ["CHUNKLLAMA_DECODE_CONFIG"]
     else:  # prefill: through the dispatch, which dequantizes packed rows for the prefill kernel
         assert resolve_backend("auto", q, kp, vp) == "triton"
         out = dca_attention(q, kp, vp, qpos, kpos, rope, config, scale, backend="auto")

@@ -56,6 +56,9 @@ CPU_CASES = [
     # softmax weights rounded once for P.V (CHUNKLLAMA_DECODE_PSPLIT=0)
     ("decode_single_tile", "decode_nosplit", 2, 4, 1, 1, 70, 64, 32, (0, 5)),
     ("decode_single_weights", "decode_p_rounded", 2, 4, 1, 1, 70, 64, 32, (0, 5)),
+    # the GPU's 64-key tiles (partial last tile, padding, chunk edges inside a tile), not the interpreter's 16
+    ("decode_tiles64_pad", "decode_tiles64", 2, 4, 1, 1, 150, 64, 32, (0, 5)),
+    ("decode_tiles64_d128", "decode_tiles64", 1, 8, 2, 2, 301, 128, 128, (0,)),
     # the prefill kernel with the query as one rounded tile (the head_dim-128 default) and with the
     # split forced on (the head_dim-64 default)
     ("prefill_single_tile_pad", "prefill_nosplit", 2, 4, 2, 50, 77, 64, 16, (0, 7)),
@@ -73,6 +76,7 @@ KIND_ENV = {
     "decode_p_rounded": ("CHUNKLLAMA_DECODE_PSPLIT", "0"),
     "prefill_nosplit": ("CHUNKLLAMA_PREFILL_QSPLIT", "0"),
     "prefill_split": ("CHUNKLLAMA_PREFILL_QSPLIT", "1"),
+    "decode_tiles64": ("CHUNKLLAMA_DECODE_CONFIG", "64,1,1,2"),
 }
 
 
