@@ -439,3 +439,18 @@ def test_decode_max_rows_setting_is_checked():
     assert _decode_max_rows("64") == 64
     with pytest.raises(ValueError, match="16, 32 or 64"):
         _decode_max_rows("128")
+
+
+def test_decode_tiles_follow_the_cache_length(monkeypatch):
+    """The H200-tuned split pass: 64-key tiles in 3 stages, 8 warps below 96k cached keys and 4 from there;
+    CHUNKLLAMA_DECODE_CONFIG overrides (bench_attention.py --tune-decode)."""
+    pytest.importorskip("triton")
+    from chunkllama.attention import triton_decode
+
+    monkeypatch.setattr(triton_decode, "_INTERPRET", False)
+    monkeypatch.delenv("CHUNKLLAMA_DECODE_CONFIG", raising=False)
+    assert triton_decode._decode_config(16384) == (64, 8, 3, 2)
+    assert triton_decode._decode_config(triton_decode.LONG_CACHE - 1) == (64, 8, 3, 2)
+    assert triton_decode._decode_config(131072) == (64, 4, 3, 2)
+    monkeypatch.setenv("CHUNKLLAMA_DECODE_CONFIG", "128,8,2,2")
+    assert triton_decode._decode_config(131072) == (128, 8, 2, 2)
