@@ -20,8 +20,7 @@ Shapes: batch 1, 32 query heads / 8 KV heads, head_dim 128 (SmolLM2-135M: ``--q-
 - decode ``sdpa_default_graph_ms``: one query through SDPA with no backend forced, K/V repeated to the
   query heads (transformers' ``repeat_kv`` path, taken when an attention mask is passed, e.g. padded
   batches), as CUDA-graph replays. A batch-1 decode in transformers 5.x passes no mask and calls SDPA
-  with ``enable_gqa`` instead (cuDNN on Hopper; ``results/decode_generate_profile_after.md`` times it in
-  the model).
+  with ``enable_gqa`` instead: ``sdpa_gqa_graph_ms`` (no backend forced; cuDNN on Hopper).
 - ``three_call_ms``: the published approach: three rotated copies of the queries, per query chunk one
   causal flash call (own chunk), one over the previous chunk and one over all earlier chunks, merged
   by log-sum-exp in fp32 (``torch.ops.aten._scaled_dot_product_flash_attention``, which returns the LSE;
@@ -240,12 +239,15 @@ def run_decode(T: int, rope, config, scale, rows: list, info: dict) -> None:
     k_rep, v_rep = k.repeat_interleave(HQ // HK, dim=1), v.repeat_interleave(HQ // HK, dim=1)
     default_graph = graph_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, scale=scale))
     del k_rep, v_rep
+    # what a batch-1 decode step of transformers 5.x runs: no mask, enable_gqa, no backend forced (cuDNN on Hopper)
+    gqa_graph = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
     dca_host, sdpa_host = host_us(dca), host_us(sdpa_fn)
     kv_bytes = 2 * T * HK * D * 2
     row = {
         "bench": "decode", "T": T, "dca_ms": round(dca_ms, 4), "sdpa_ms": round(sdpa_ms, 4), "sdpa_kind": sdpa_kind,
         "dca_graph_ms": round(dca_graph, 4), "sdpa_graph_ms": round(sdpa_graph, 4),
         "sdpa_default_graph_ms": round(default_graph, 4), "dca_over_sdpa_default_graph": round(dca_graph / default_graph, 3),
+        "sdpa_gqa_graph_ms": round(gqa_graph, 4), "dca_over_sdpa_gqa_graph": round(dca_graph / gqa_graph, 3),
         "dca_over_sdpa_graph": round(dca_graph / sdpa_graph, 3),
         "dca_host_us": round(dca_host, 1), "sdpa_host_us": round(sdpa_host, 1),
         "decode_config": os.environ.get("CHUNKLLAMA_DECODE_CONFIG", "default"),
@@ -259,6 +261,7 @@ def run_decode(T: int, rope, config, scale, rows: list, info: dict) -> None:
     print(json.dumps({k_: row[k_] for k_ in ("bench", "T", "dca_ms", "sdpa_ms", "sdpa_packed_ms", "three_call_ms",
                                               "dca_over_sdpa", "dca_graph_ms", "sdpa_graph_ms", "dca_over_sdpa_graph",
                                               "sdpa_default_graph_ms", "dca_over_sdpa_default_graph",
+                                              "sdpa_gqa_graph_ms", "dca_over_sdpa_gqa_graph",
                                               "dca_host_us", "sdpa_host_us", "max_abs_diff_vs_three_call")}),
           flush=True)
 
@@ -305,6 +308,11 @@ def tune(rope, config, scale, T: int) -> str:
     return best[0]
 
 
+def _cell(row: dict, key: str, digits: int) -> str:
+    """``row[key]`` to ``digits`` decimals, or a dash for rows of runs that did not measure it."""
+    return f"{row[key]:.{digits}f}" if key in row else "—"
+
+
 def write_md(rows: list, info: dict, path: Path) -> None:
     lines = [
         f"# DCA attention: fused Triton vs SDPA flash vs three-call composition",
@@ -334,8 +342,9 @@ def write_md(rows: list, info: dict, path: Path) -> None:
         "",
         "| cache T | DCA Triton ms | SDPA flash ms | SDPA flash, heads packed ms | three-call ms | DCA / SDPA | "
         "three-call / SDPA | DCA graph ms | SDPA graph ms | DCA / SDPA (graphs) | SDPA default backend graph ms | "
-        "DCA / SDPA default (graphs) | host us DCA / SDPA | DCA K/V GB/s | max abs diff vs three-call | decode config |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "DCA / SDPA default (graphs) | SDPA enable_gqa graph ms | DCA / SDPA enable_gqa (graphs) | host us DCA / SDPA | "
+        "DCA K/V GB/s | max abs diff vs three-call | decode config |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["bench"] == "decode":
@@ -343,7 +352,8 @@ def write_md(rows: list, info: dict, path: Path) -> None:
                 f"| {r['T']} | {r['dca_ms']:.4f} | {r['sdpa_ms']:.4f} | {r['sdpa_packed_ms']:.4f} | "
                 f"{r['three_call_ms']:.4f} | {r['dca_over_sdpa']:.3f} | {r['three_call_over_sdpa']:.3f} | "
                 f"{r['dca_graph_ms']:.4f} | {r['sdpa_graph_ms']:.4f} | {r['dca_over_sdpa_graph']:.3f} | "
-                f"{r.get('sdpa_default_graph_ms', float('nan')):.4f} | {r.get('dca_over_sdpa_default_graph', float('nan')):.3f} | "
+                f"{_cell(r, 'sdpa_default_graph_ms', 4)} | {_cell(r, 'dca_over_sdpa_default_graph', 3)} | "
+                f"{_cell(r, 'sdpa_gqa_graph_ms', 4)} | {_cell(r, 'dca_over_sdpa_gqa_graph', 3)} | "
                 f"{r['dca_host_us']:.0f} / {r['sdpa_host_us']:.0f} | {r['dca_kv_gbps']} | {r['max_abs_diff_vs_three_call']:.2e} | "
                 f"{r['decode_config']} |"
             )
