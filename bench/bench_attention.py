@@ -240,7 +240,11 @@ def run_decode(T: int, rope, config, scale, rows: list, info: dict) -> None:
     default_graph = graph_ms(lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, scale=scale))
     del k_rep, v_rep
     # what a batch-1 decode step of transformers 5.x runs: no mask, enable_gqa, no backend forced (cuDNN on Hopper)
-    gqa_graph = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+    try:
+        gqa_graph = graph_ms(lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True))
+    except RuntimeError as exc:  # a torch build whose default backends refuse it: the row says so
+        print(f"SDPA enable_gqa: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+        gqa_graph = float("nan")
     dca_host, sdpa_host = host_us(dca), host_us(sdpa_fn)
     kv_bytes = 2 * T * HK * D * 2
     row = {
