@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from run_info import apply_smoke
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = {"length": 600, "chats": 8, "steps": 4, "eval_lengths": [1024, 2048], "trials": 5, "heldout": 2,
          "pretraining_length": 256}
@@ -76,11 +78,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="check the script on the CPU at tiny lengths: " +
                         ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     args = parser.parse_args()
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-        if args.out == parser.get_default("out"):
-            args.out = args.work / "finetune_stretch_smoke"
+    apply_smoke(parser, args, SMOKE, args.work / "finetune_stretch_smoke")
     device = "cpu" if args.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_finetune_stretch.py needs CUDA (or --smoke).")

@@ -39,13 +39,12 @@ from chunkllama.eval.method_specs import MethodSpec, parse_methods  # noqa: E402
 from chunkllama.eval.report import environment, pivot_table, plot_vs_length  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_info import copy_to_out, git_commit, slug  # noqa: E402
+from run_info import copy_to_out, git_commit, merge_rows, slug  # noqa: E402
 
 
-def merge_rows(old: list[dict], new: list[dict], key: tuple[str, ...] = ("method", "task", "L")) -> list[dict]:
-    """``old`` rows not recomputed in ``new``, then ``new``."""
-    fresh = {tuple(r[k] for k in key) for r in new}
-    return [r for r in old if tuple(r[k] for k in key) not in fresh] + list(new)
+def by_fields(*fields: str):
+    """A row key of these fields, for :func:`run_info.merge_rows`."""
+    return lambda row: tuple(row[f] for f in fields)
 
 
 def write_tables(rows: list[dict], path: Path, header: list[str]) -> None:
@@ -142,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(dtype=env["dtype"], commit=env["commit"], samples=args.samples, seconds_total=round(seconds, 1))
         path = out / f"ruler_{tag}.json"
         old = json.loads(path.read_text())["rows"] if path.is_file() else []
-        merged = merge_rows(old, rows)
+        merged = merge_rows(old, rows, by_fields("method", "task", "L"))
         commands = (json.loads(path.read_text()).get("commands", []) if path.is_file() else []) + [command]
         path.write_text(json.dumps({"commands": commands, "environment": env, "rows": merged}, indent=2,
                                    default=str) + "\n")
@@ -165,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.seed, probe_methods)
         path = out / f"ruler_probe_{tag}.json"
         old = json.loads(path.read_text())["rows"] if path.is_file() else []
-        merged = merge_rows(old, rows, key=("method", "L", "depth"))
+        merged = merge_rows(old, rows, by_fields("method", "L", "depth"))
         path.write_text(json.dumps({"command": command, "environment": env, "rows": merged}, indent=2,
                                    default=str) + "\n")
         md = ["# Where DCA's attention goes (niah_single_2, last prompt token)", "", f"`{command}`", "",

@@ -35,6 +35,7 @@ import transformers
 import chunkllama
 from chunkllama.planner import GIB, SHAPES, Shape, make_plan, parse_size
 from chunkllama.prefill import enable_chunked_prefill, resolve_prefill_chunk_size
+from run_info import merge_rows
 
 
 def build_model(shape_name: str, layers: int | None, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -78,14 +79,6 @@ def timed_generate(model: torch.nn.Module, length: int, new_tokens: int, device:
 def _row_key(row: dict) -> tuple:
     return (row["bench"], row["T"], row["shape"], row["layers"], row["prefill_chunk"], row.get("kv_dtype", "bf16"),
             row["device"], row.get("alloc_conf"))
-
-
-def merge_rows(path: Path, new_rows: list[dict]) -> list[dict]:
-    """Rows already in ``path`` (earlier runs: other depths, lengths or cache dtypes) plus ``new_rows``;
-    a new row replaces an old one measured with the same settings."""
-    old = json.loads(path.read_text()) if path.exists() else []
-    fresh = {_row_key(r) for r in new_rows}
-    return [r for r in old if _row_key(r) not in fresh] + new_rows
 
 
 def write_md(rows: list[dict], path: Path) -> None:
@@ -188,7 +181,9 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = merge_rows(args.out / "scale.json", rows)
+    # earlier runs' rows (other depths, lengths or cache dtypes) stay; a row measured again replaces its old one
+    path = args.out / "scale.json"
+    rows = merge_rows(json.loads(path.read_text()) if path.exists() else [], rows, _row_key)
     (args.out / "scale.json").write_text(json.dumps(rows, indent=1) + "\n")
     write_md(rows, args.out / "scale.md")
 

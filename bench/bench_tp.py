@@ -46,10 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import chunkllama  # noqa: E402
 from chunkllama.distributed import check_heads_split, from_pretrained_kwargs, is_main_process, world_size  # noqa: E402
 from chunkllama.planner import GIB, SHAPES, Shape, make_plan, parse_size  # noqa: E402
 from chunkllama.prefill import enable_chunked_prefill, resolve_prefill_chunk_size  # noqa: E402
+from run_info import apply_smoke, merge_rows  # noqa: E402
 
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
 #: the built-in shapes, and a tiny one whose heads split over 2 ranks for the CPU smoke run
@@ -125,7 +128,8 @@ def load(directory: Path, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return model.eval()
 
 
-def local(tensor: torch.Tensor) -> torch.Tensor:
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor (gathered from the ranks), or ``tensor`` itself."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
@@ -137,7 +141,7 @@ def prompt(vocab: int, tokens: int, device) -> torch.Tensor:
 def probe(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int) -> dict:
     """The prompt's last-token logits (fp32, CPU) and ``new_tokens`` greedy tokens."""
     with torch.no_grad():
-        logits = local(model(ids, logits_to_keep=1).logits)[0, -1].float().cpu()
+        logits = whole(model(ids, logits_to_keep=1).logits)[0, -1].float().cpu()
         tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
     return {"logits": logits, "tokens": tokens[0, ids.shape[1]:].cpu()}
@@ -220,39 +224,45 @@ def row_key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("phase", "shape", "layers", "world", "T", "kv_dtype", "model", "device"))
 
 
+#: per phase: the section title, then (column, cell of a row) pairs of its table in ``tp.md``
+SECTIONS = {
+    "reference": ("Correctness: the tensor-parallel run vs one process on one device (same checkpoint)", [
+        ("shape", lambda r: r["shape"]), ("layers", lambda r: r["layers"]), ("world", lambda r: r["parallel_world"]),
+        ("prompt", lambda r: r["T"]), ("device", lambda r: r["device"]),
+        ("max abs logit diff", lambda r: f"{r['max_abs_logit_diff']:.4g}"),
+        ("logit scale", lambda r: f"{r['logit_scale']:.3g}"), ("same top-1", lambda r: r["same_top1"]),
+        ("same greedy tokens", lambda r: r["same_tokens"]), ("first differing step", lambda r: r["first_differing_step"]),
+    ]),
+    "longest": ("Long prompts: one generate call, DCA, prefill in pieces", [
+        ("shape", lambda r: r["shape"]), ("layers", lambda r: r["layers"]), ("world", lambda r: r["world"]),
+        ("KV cache", lambda r: r["kv_dtype"]), ("T", lambda r: r["T"]), ("ok", lambda r: r["ok"]),
+        ("prefill s", lambda r: r["prefill_s"]), ("decode tok/s", lambda r: r["decode_tok_s"]),
+        ("peak GiB per GPU", lambda r: " / ".join(str(p) for p in r["peak_gib_per_rank"])),
+        ("planned GiB per GPU", lambda r: r["planned_gib"]), ("device", lambda r: r["device"]),
+    ]),
+    "throughput": ("Prefill throughput, DCA vs the unpatched model (SDPA), same TP setup", [
+        ("shape", lambda r: r["shape"]), ("layers", lambda r: r["layers"]), ("world", lambda r: r["world"]),
+        ("T", lambda r: r["T"]), ("model", lambda r: r["model"]), ("best prefill s", lambda r: r["seconds"]),
+        ("tokens/s", lambda r: r["tokens_per_s"]), ("DCA / unpatched", lambda r: r.get("dca_over_unpatched", "—")),
+        ("device", lambda r: r["device"]),
+    ]),
+}
+
+
 def save_rows(out: Path, rows: list[dict]) -> None:
     """Merge ``rows`` into ``out/tp.json`` (a row replaces an earlier one with the same settings) and rewrite ``tp.md``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "tp.json"
-    old = json.loads(path.read_text()) if path.exists() else []
-    fresh = {row_key(r) for r in rows}
-    merged = [r for r in old if row_key(r) not in fresh] + rows
+    merged = merge_rows(json.loads(path.read_text()) if path.exists() else [], rows, row_key)
     path.write_text(json.dumps(merged, indent=1) + "\n")
     lines = ["# Tensor-parallel DCA (`torchrun`, `tp_plan=\"auto\"`)", "",
-             "Rows of every run (`tp.json`); reproduce with `bench/bench_tp.py --phase <phase>` (module docstring).", ""]
-    check = [r for r in merged if r["phase"] == "reference"]
-    if check:
-        lines += ["## Correctness: the tensor-parallel run vs one process on one device (same checkpoint)", "",
-                  "| shape | layers | world | prompt | device | max abs logit diff | logit scale | same top-1 | "
-                  "same greedy tokens | first differing step |", "|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['layers']} | {r['parallel_world']} | {r['T']} | {r['device']} | "
-                  f"{r['max_abs_logit_diff']:.4g} | {r['logit_scale']:.3g} | {r['same_top1']} | {r['same_tokens']} | "
-                  f"{r['first_differing_step']} |" for r in check]
-    longest = [r for r in merged if r["phase"] == "longest"]
-    if longest:
-        lines += ["", "## Long prompts: one generate call, DCA, prefill in pieces", "",
-                  "| shape | layers | world | KV cache | T | ok | prefill s | decode tok/s | peak GiB per GPU | "
-                  "planned GiB per GPU | device |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['layers']} | {r['world']} | {r['kv_dtype']} | {r['T']} | {r['ok']} | "
-                  f"{r['prefill_s']} | {r['decode_tok_s']} | {' / '.join(str(p) for p in r['peak_gib_per_rank'])} | "
-                  f"{r['planned_gib']} | {r['device']} |" for r in longest]
-    throughput = [r for r in merged if r["phase"] == "throughput"]
-    if throughput:
-        lines += ["", "## Prefill throughput, DCA vs the unpatched model (SDPA), same TP setup", "",
-                  "| shape | layers | world | T | model | best prefill s | tokens/s | DCA / unpatched | device |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['shape']} | {r['layers']} | {r['world']} | {r['T']} | {r['model']} | {r['seconds']} | "
-                  f"{r['tokens_per_s']} | {r.get('dca_over_unpatched', '—')} | {r['device']} |" for r in throughput]
+             "Rows of every run (`tp.json`); reproduce with `bench/bench_tp.py --phase <phase>` (module docstring)."]
+    for phase, (title, columns) in SECTIONS.items():
+        found = [r for r in merged if r["phase"] == phase]
+        if found:
+            lines += ["", f"## {title}", "", "| " + " | ".join(c for c, _ in columns) + " |",
+                      "|" + "---|" * len(columns)]
+            lines += ["| " + " | ".join(str(cell(r)) for _, cell in columns) + " |" for r in found]
     (out / "tp.md").write_text("\n".join(lines) + "\n")
 
 
@@ -272,11 +282,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--smoke", action="store_true", help="the CPU: " + ", ".join(f"{k}={v}" for k, v in SMOKE.items()))
     args = parser.parse_args()
-    if args.smoke:
-        for key, value in SMOKE.items():
-            setattr(args, key, value)
-        if args.out == parser.get_default("out"):
-            args.out = args.work / "results"
+    apply_smoke(parser, args, SMOKE, args.work / "results")
     if args.phase in ("correctness", "reference") and args.layers is None:
         args.layers = 2
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"

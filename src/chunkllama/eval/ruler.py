@@ -204,27 +204,29 @@ def evaluate_ruler(
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     fingerprint = ruler_cache.tokenizer_fingerprint(tokenizer) if sample_cache is not None else None
+    element_bytes = model_element_bytes(model)  # of the padding masks outside DCA
 
     def samples_for(task: str, length: int) -> list[rt.RulerSample]:
-        build = lambda: build_samples(tokenizer, task, length, n_samples, seed=seed, depths=depths,  # noqa: E731
-                                      essay=words, use_chat=use_chat)
-        if sample_cache is None:
-            return build()
-        key = ruler_cache.samples_key(fingerprint, task, length, n_samples, seed=seed, depths=depths,
-                                      use_chat=use_chat, words=words)
-        found = ruler_cache.load_samples(sample_cache, task, length, key)
-        if found is None:
-            found = build()
-            ruler_cache.save_samples(sample_cache, task, length, key, found)
-        return found
+        key = None
+        if sample_cache is not None:
+            key = ruler_cache.samples_key(fingerprint, task, length, n_samples, seed=seed, depths=depths,
+                                          use_chat=use_chat, words=words)
+            found = ruler_cache.load_samples(sample_cache, task, length, key)
+            if found is not None:
+                return found
+        samples = build_samples(tokenizer, task, length, n_samples, seed=seed, depths=depths, essay=words,
+                                use_chat=use_chat)
+        if key is not None:
+            ruler_cache.save_samples(sample_cache, task, length, key, samples)
+        return samples
 
     for length in lengths:
         bar.set_postfix_str(f"building prompts L={length}")
         prompts = {task: samples_for(task, length) for task in tasks}
         for spec in specs:
-            run_batch = method_batch_size(spec, batch_size, length, model_element_bytes(model))
+            run_batch = method_batch_size(spec, batch_size, length, element_bytes)
             if run_batch < batch_size:
-                mask_gib = batch_size * length * length * model_element_bytes(model) / 2**30
+                mask_gib = batch_size * length * length * element_bytes / 2**30
                 bar.write(f"ruler {spec.label}: batches of {run_batch} at L={length}, not {batch_size}: outside DCA "
                           f"the model's attention would expand the padding mask to {mask_gib:.0f} GiB")
             with method_applied(model, spec, length, pretraining_length) as record:
