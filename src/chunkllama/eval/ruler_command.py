@@ -219,7 +219,8 @@ def eval_ruler(
         device: cpu, cuda, cuda:N, or auto (the model split over all GPUs by accelerate); default: cuda
             when available. Under torchrun: leave out (each rank's shard is on its own GPU).
         batch_size: answer this many prompts of a task at once (left padding, one generate call);
-            faster on a GPU, same prompts; not with --prefill-chunk.
+            faster on a GPU, same prompts; not with --prefill-chunk. Methods other than dca take fewer per
+            call at long lengths, so that their padding mask (batch x length x length) stays under 16 GiB.
         sample_cache: folder to keep the built prompts in; a later run with the same tokenizer, tasks,
             lengths, samples, seed, depths and essays loads them instead of building them again
             (building 11 tasks x 10 prompts of 64k took 71 s on a CPU, loading them 0.8 s).
