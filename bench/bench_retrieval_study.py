@@ -291,6 +291,55 @@ def quality_rows(model: Any, tokenizer: Any, specs: list, lengths: list[int], to
     return rows
 
 
+def save_results(path: Path, new_rows: list[dict], new_commands: list[str], env: dict, base: int,
+                 long: Sequence[int]) -> tuple[list[dict], list[Path]]:
+    """Merge ``new_rows`` (and ``new_commands``) into the results file ``path`` and rewrite it with its
+    tables and plots; returns the goal check per method and the files written."""
+    from chunkllama.eval.report import plot_vs_length
+
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    merged = with_averages(merge_rows(old.get("rows", []), new_rows))
+    commands = list(old.get("commands", []))
+    commands += [c for c in new_commands if c not in commands]
+    goals = [goal_check(merged, m, base, long) for m in dict.fromkeys(r["method"] for r in merged)]
+    path.write_text(json.dumps({"commands": commands, "environment": env, "goal": goals, "rows": merged},
+                               indent=2, default=str) + "\n")
+    md = path.with_suffix(".md")
+    write_markdown(merged, md, [f"# Retrieval study, issue 14 ({env['device']}, {env['dtype']})", "",
+                                *[f"`{c}`" for c in commands], "",
+                                f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}",
+                                ""], base, long)
+    outputs = [path, md]
+    stem = path.stem
+    try:  # plots are a convenience; never lose the numbers over them
+        q = [r for r in merged if r["bench"] == "quality"]
+        outputs.append(plot_vs_length([r for r in q if r.get("ppl") is not None], "ppl",
+                                      path.parent / f"{stem}_ppl.png", "PG19 perplexity", "perplexity", True))
+        outputs.append(plot_vs_length([r for r in q if r.get("passkey") is not None], "passkey",
+                                      path.parent / f"{stem}_passkey.png", "Passkey retrieval", "accuracy"))
+        avg = [r for r in merged if r["bench"] == "ruler" and r["task"] == "average"]
+        if avg:
+            outputs.append(plot_vs_length(avg, "score", path.parent / f"{stem}_ruler.png",
+                                          "RULER-style tasks (average)", "score (fraction)"))
+    except Exception as exc:
+        print(f"[study] plotting failed: {exc}", flush=True)
+    return goals, outputs
+
+
+def merge_files(target: Path, sources: Sequence[Path], base: int, long: Sequence[int]) -> list[dict]:
+    """Fold the rows and commands of other results files (e.g. written by several GPU calls that each started
+    from the same committed file) into ``target``, in order, and rewrite its tables; no model is loaded.
+    Returns the goal check per method."""
+    goals: list[dict] = []
+    for source in sources:
+        data = json.loads(Path(source).read_text())
+        if not target.is_file():
+            target.write_text(json.dumps({"commands": [], "environment": data["environment"], "rows": []}) + "\n")
+        env = json.loads(target.read_text())["environment"]
+        goals, _ = save_results(target, data.get("rows", []), data.get("commands", []), env, base, long)
+    return goals
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help=".gguf file, model dir or hub id (default: SmolLM2-135M-Instruct)")
@@ -316,13 +365,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--tag", default=None, help="file name tag (default: the device name)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="FILE", default=None,
+                    help="no run: fold these results files' rows and commands into retrieval_study_<--tag>.json "
+                         "under --out-dir (later files win) and rewrite its tables and plots")
     args = ap.parse_args(argv)
 
     from chunkllama.eval.method_specs import parse_methods
 
+    base, long = parse_lengths(args.goal_base)[0], parse_lengths(args.goal_long)
+    if args.merge:
+        if not args.tag:
+            ap.error("--merge needs --tag (the results file is retrieval_study_<tag>.json)")
+        target = Path(args.out_dir) / f"retrieval_study_{args.tag}.json"
+        for g in merge_files(target, args.merge, base, long):
+            print(f"[study] goal {g['method']:>28}: {g['verdict']}", flush=True)
+        print(f"[study] wrote {target} and {target.with_suffix('.md')}", flush=True)
+        return 0
     specs = parse_methods(args.methods)
     lengths = parse_lengths(args.lengths)
-    base, long = parse_lengths(args.goal_base)[0], parse_lengths(args.goal_long)
     if args.passkey_trials and (args.passkey_depths < 1 or args.passkey_trials % args.passkey_depths):
         ap.error(f"--passkey-trials {args.passkey_trials} is not a multiple of --passkey-depths {args.passkey_depths}")
     if min(args.passkey_trials, args.ppl_windows, args.ruler_samples) < 0:
@@ -348,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from chunkllama.eval.data import pg19_corpus
     from chunkllama.eval.perplexity import tokenize_corpus
-    from chunkllama.eval.report import environment, plot_vs_length
+    from chunkllama.eval.report import environment
     from chunkllama.models import load_model
 
     command = "python3 bench/bench_retrieval_study.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -366,37 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     path = out / f"retrieval_study_{tag}.json"
 
     def save(new_rows: list[dict]) -> tuple[list[dict], list[Path]]:
-        """Merge ``new_rows`` into the results file and rewrite it with its tables and plots; returns the
-        goal check per method and the files written."""
         for row in new_rows:
             row.update(dtype=env["dtype"], commit=env["commit"])
-        old = json.loads(path.read_text()) if path.is_file() else {}
-        merged = with_averages(merge_rows(old.get("rows", []), new_rows))
-        commands = old.get("commands", [])
-        if commands[-1:] != [command]:
-            commands.append(command)
-        goals = [goal_check(merged, m, base, long) for m in dict.fromkeys(r["method"] for r in merged)]
-        path.write_text(json.dumps({"commands": commands, "environment": env, "goal": goals, "rows": merged},
-                                   indent=2, default=str) + "\n")
-        md = path.with_suffix(".md")
-        write_markdown(merged, md, [f"# Retrieval study, issue 14 ({env['device']}, {env['dtype']})", "",
-                                    *[f"`{c}`" for c in commands], "",
-                                    f"torch {env['torch']}, transformers {env['transformers']}, commit {env['commit']}",
-                                    ""], base, long)
-        outputs = [path, md]
-        try:  # plots are a convenience; never lose the numbers over them
-            q = [r for r in merged if r["bench"] == "quality"]
-            outputs.append(plot_vs_length([r for r in q if r.get("ppl") is not None], "ppl",
-                                          out / f"retrieval_study_{tag}_ppl.png", "PG19 perplexity", "perplexity", True))
-            outputs.append(plot_vs_length([r for r in q if r.get("passkey") is not None], "passkey",
-                                          out / f"retrieval_study_{tag}_passkey.png", "Passkey retrieval", "accuracy"))
-            avg = [r for r in merged if r["bench"] == "ruler" and r["task"] == "average"]
-            if avg:
-                outputs.append(plot_vs_length(avg, "score", out / f"retrieval_study_{tag}_ruler.png",
-                                              "RULER-style tasks (average)", "score (fraction)"))
-        except Exception as exc:
-            print(f"[study] plotting failed: {exc}", flush=True)
-        return goals, outputs
+        return save_results(path, new_rows, [command], env, base, long)
 
     goals, outputs = save(rows)  # the quality rows (if any) before RULER starts
     if args.ruler_samples:

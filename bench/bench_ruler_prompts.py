@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None, help=".gguf file of the model (default: the bundled SmolLM2)")
     parser.add_argument("--lengths", default="64k")
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--tasks", default="all")
@@ -40,7 +41,7 @@ def main() -> None:
     from chunkllama.models import converted_gguf_dir, default_gguf_path
 
     settings = check_settings("dca", args.tasks, args.lengths, args.samples, None, args.data, None, 1, None)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(converted_gguf_dir(default_gguf_path())))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(converted_gguf_dir(args.model or default_gguf_path())))
     words = rt.essay_words(settings.essay) if isinstance(settings.essay, str) else settings.essay
     fingerprint = ruler_cache.tokenizer_fingerprint(tokenizer)
     rows = []

@@ -97,6 +97,33 @@ def test_merge_keeps_fields_and_recomputes_averages(study):
     assert sum(r["task"] == "average" for r in merged if r["bench"] == "ruler") == 1
 
 
+def test_merge_folds_files_from_separate_runs(study, tmp_path):
+    """Two GPU calls that each started from the same committed file: --merge keeps both calls' rows and commands."""
+    env = {"device": "NVIDIA H200", "torch": "2", "transformers": "5", "commit": "abc", "dtype": "bfloat16"}
+    base = {"commands": ["run 0"], "environment": env, "rows": [_q("dca", 8192, 22.2, 1.0)]}
+    first = {**base, "commands": ["run 0", "run 1"], "rows": base["rows"] + [_q("yarn", 8192, 22.3, 0.5)]}
+    second = {**base, "commands": ["run 0", "run 2"],
+              "rows": base["rows"] + [_r("dca", 8192, "vt", 0.4), _r("dca", 8192, "fwe", 0.2)]}
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "retrieval_study_h200.json").write_text(json.dumps(base))
+    files = []
+    for i, data in enumerate((first, second)):
+        files.append(tmp_path / f"call{i}.json")
+        files[-1].write_text(json.dumps(data))
+    assert study.main(["--merge", *map(str, files), "--tag", "h200", "--out-dir", str(out)]) == 0
+    merged = json.loads((out / "retrieval_study_h200.json").read_text())
+    assert merged["commands"] == ["run 0", "run 1", "run 2"]
+    keys = {(r["bench"], r["method"], r.get("task"), r["L"]) for r in merged["rows"]}
+    assert keys == {("quality", "dca", None, 8192), ("quality", "yarn", None, 8192), ("ruler", "dca", "vt", 8192),
+                    ("ruler", "dca", "fwe", 8192), ("ruler", "dca", "average", 8192)}
+    average = next(r for r in merged["rows"] if r.get("task") == "average")
+    assert average["score"] == pytest.approx(0.3)
+    assert "| yarn |" in (out / "retrieval_study_h200.md").read_text()
+    with pytest.raises(SystemExit):
+        study.main(["--merge", str(files[0]), "--out-dir", str(out)])  # no --tag: which file is meant?
+
+
 def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path,
                                                        monkeypatch):
     import chunkllama.eval.ruler as ruler
