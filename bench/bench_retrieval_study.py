@@ -37,7 +37,10 @@ of ``bench/results/quality_*`` and ``chat.md``). GPU commands, one per length (s
           --data .device/data --lengths $L
     done
 
-On a CPU, tiny lengths only (tests/bench/test_retrieval_study.py runs it on a tiny random model).
+GPU calls that each start from the committed results file write files that each hold only their own new
+rows on top of it; ``--merge FILE ... --tag nvidia-h200`` folds them into one afterwards (no model loaded).
+
+On a CPU, tiny lengths only (tests/eval/test_retrieval_study.py runs it on a tiny random model).
 """
 
 from __future__ import annotations
