@@ -51,7 +51,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:
@@ -268,8 +268,10 @@ def write_markdown(rows: Sequence[dict], path: Path, header: list[str], base: in
 
 
 def quality_rows(model: Any, tokenizer: Any, specs: list, lengths: list[int], tokens: Any, ppl_windows: int,
-                 passkey_trials: int, passkey_depths: int) -> list[dict]:
-    """One quality row per (method, length) from the library's perplexity and passkey evaluations."""
+                 passkey_trials: int, passkey_depths: int,
+                 on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One quality row per (method, length) from the library's perplexity and passkey evaluations;
+    ``on_row`` gets each row as soon as it is measured (a run cut by a time limit keeps the finished cells)."""
     from chunkllama.eval.passkey_task import evaluate_passkey
     from chunkllama.eval.perplexity import evaluate_ppl
 
@@ -291,6 +293,8 @@ def quality_rows(model: Any, tokenizer: Any, specs: list, lengths: list[int], to
             ppl = f"{row['ppl']:.2f}" if row["ppl"] is not None else "-"
             pk = f"{row['passkey_correct']}/{row['passkey_n']}" if row["passkey"] is not None else "-"
             print(f"[study] {spec.label:>28} L={length:>6}: ppl {ppl} passkey {pk} [{row['seconds']:.1f}s]", flush=True)
+            if on_row is not None:
+                on_row(row)
     return rows
 
 
@@ -421,11 +425,6 @@ def main(argv: list[str] | None = None) -> int:
     tag = args.tag or slug(env["device"].split(" (")[0])
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict] = []
-    if args.ppl_windows or args.passkey_trials:
-        tokens = tokenize_corpus(tokenizer, pg19_corpus(args.data)) if args.ppl_windows else None
-        rows += quality_rows(model, tokenizer, specs, lengths, tokens, args.ppl_windows, args.passkey_trials,
-                             args.passkey_depths)
     path = out / f"retrieval_study_{tag}.json"
 
     def save(new_rows: list[dict]) -> tuple[list[dict], list[Path]]:
@@ -433,7 +432,18 @@ def main(argv: list[str] | None = None) -> int:
             row.update(dtype=env["dtype"], commit=env["commit"])
         return save_results(path, new_rows, [command], env, base, long)
 
-    goals, outputs = save(rows)  # the quality rows (if any) before RULER starts
+    goals, outputs = [], []
+    if args.ppl_windows or args.passkey_trials:
+        tokens = tokenize_corpus(tokenizer, pg19_corpus(args.data)) if args.ppl_windows else None
+
+        def save_row(row: dict) -> None:  # each method x length as soon as it is done
+            nonlocal goals, outputs
+            goals, outputs = save([dict(row)])
+
+        quality_rows(model, tokenizer, specs, lengths, tokens, args.ppl_windows, args.passkey_trials,
+                     args.passkey_depths, on_row=save_row)
+    else:
+        goals, outputs = save([])
     if args.ruler_samples:
         from chunkllama.eval.ruler_command import run_ruler
 

@@ -151,6 +151,31 @@ def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, tiny_model, tiny_t
     assert len(data["commands"]) == 1 and "ruler" in (out / "retrieval_study_cpu.md").read_text().lower()
 
 
+def test_a_cut_quality_run_keeps_the_cells_it_finished(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path,
+                                                       monkeypatch):
+    import chunkllama.eval.perplexity as perplexity
+
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    real, calls = perplexity.evaluate_ppl, []
+
+    def ppl_then_cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:  # the second method's first length: the run is cut
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(perplexity, "evaluate_ppl", ppl_then_cut)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        study.main(["--model", str(model_dir), "--data", str(tiny_data), "--out-dir", str(out), "--tag", "cpu",
+                    "--methods", "none,dca", "--lengths", "256,512", "--passkey-trials", "0", "--ppl-windows", "1"])
+    data = json.loads((out / "retrieval_study_cpu.json").read_text())
+    assert {(r["method"], r["L"]) for r in data["rows"]} == {("none", 256), ("none", 512)}
+    assert all(r["ppl"] > 1 for r in data["rows"]) and len(data["commands"]) == 1
+
+
 def test_estimate_fits_the_call_limit(study):
     """The default quality run of one length stays well under the 8 minutes asked for, at every length."""
     for length in (8192, 16384, 32768, 65536):
