@@ -383,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         if not args.tag:
             ap.error("--merge needs --tag (the results file is retrieval_study_<tag>.json)")
+        missing = [str(f) for f in args.merge if not f.is_file()]
+        if missing:
+            ap.error(f"--merge: no such file: {', '.join(missing)}")
         target = Path(args.out_dir) / f"retrieval_study_{args.tag}.json"
         for g in merge_files(target, args.merge, base, long):
             print(f"[study] goal {g['method']:>28}: {g['verdict']}", flush=True)

@@ -122,6 +122,8 @@ def test_merge_folds_files_from_separate_runs(study, tmp_path):
     assert "| yarn |" in (out / "retrieval_study_h200.md").read_text()
     with pytest.raises(SystemExit):
         study.main(["--merge", str(files[0]), "--out-dir", str(out)])  # no --tag: which file is meant?
+    with pytest.raises(SystemExit):
+        study.main(["--merge", str(tmp_path / "absent.json"), "--tag", "h200", "--out-dir", str(out)])
 
 
 def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path,
