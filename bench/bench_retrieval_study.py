@@ -320,14 +320,14 @@ def save_results(path: Path, new_rows: list[dict], new_commands: list[str], env:
     stem = path.stem
     try:  # plots are a convenience; never lose the numbers over them
         q = [r for r in merged if r["bench"] == "quality"]
-        outputs.append(plot_vs_length([r for r in q if r.get("ppl") is not None], "ppl",
-                                      path.parent / f"{stem}_ppl.png", "PG19 perplexity", "perplexity", True))
-        outputs.append(plot_vs_length([r for r in q if r.get("passkey") is not None], "passkey",
-                                      path.parent / f"{stem}_passkey.png", "Passkey retrieval", "accuracy"))
-        avg = [r for r in merged if r["bench"] == "ruler" and r["task"] == "average"]
-        if avg:
-            outputs.append(plot_vs_length(avg, "score", path.parent / f"{stem}_ruler.png",
-                                          "RULER-style tasks (average)", "score (fraction)"))
+        plots = [([r for r in q if r.get("ppl") is not None], "ppl", "ppl", "PG19 perplexity", "perplexity", True),
+                 ([r for r in q if r.get("passkey") is not None], "passkey", "passkey", "Passkey retrieval",
+                  "accuracy", False),
+                 ([r for r in merged if r["bench"] == "ruler" and r["task"] == "average"], "score", "ruler",
+                  "RULER-style tasks (average)", "score (fraction)", False)]
+        for rows, field, suffix, title, label, log in plots:
+            if rows:  # no empty figures
+                outputs.append(plot_vs_length(rows, field, path.parent / f"{stem}_{suffix}.png", title, label, log))
     except Exception as exc:
         print(f"[study] plotting failed: {exc}", flush=True)
     return goals, outputs
