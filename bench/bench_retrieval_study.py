@@ -338,11 +338,10 @@ def merge_files(target: Path, sources: Sequence[Path], base: int, long: Sequence
     from the same committed file) into ``target``, in order, and rewrite its tables; no model is loaded.
     Returns the goal check per method."""
     goals: list[dict] = []
+    env = json.loads(target.read_text())["environment"] if target.is_file() else None
     for source in sources:
         data = json.loads(Path(source).read_text())
-        if not target.is_file():
-            target.write_text(json.dumps({"commands": [], "environment": data["environment"], "rows": []}) + "\n")
-        env = json.loads(target.read_text())["environment"]
+        env = env or data["environment"]  # a new target takes the first file's environment
         goals, _ = save_results(target, data.get("rows", []), data.get("commands", []), env, base, long)
     return goals
 

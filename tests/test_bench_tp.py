@@ -3,7 +3,6 @@ on two gloo processes (tensor parallel on the CPU) against one process."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_tp.py"
@@ -19,10 +19,7 @@ SCRIPT = ROOT / "bench" / "bench_tp.py"
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("bench_tp", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_tp")
 
 
 def test_sparse_checkpoint_loads_as_zeros_and_takes_no_disk(tp, tmp_path):

@@ -3,22 +3,39 @@ a tiny random model (CPU, tiny lengths): row schema, merging of runs, the report
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
-SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "bench_retrieval_study.py"
 CAND = "dca(pretraining_length=4096)"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("bench_retrieval_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("bench_retrieval_study")
+
+
+@pytest.fixture
+def model_dir(tiny_model, tiny_tokenizer, tmp_path):
+    """The tiny model and tokenizer saved as a model directory (what --model takes)."""
+    path = tmp_path / "model"
+    tiny_model.save_pretrained(path)
+    tiny_tokenizer.save_pretrained(path)
+    return path
+
+
+def _cut_after(monkeypatch, module, name, calls_allowed):
+    """Make ``module.name`` raise KeyboardInterrupt (a time limit's SIGINT) once it has run ``calls_allowed`` times."""
+    real, calls = getattr(module, name), []
+
+    def run_then_cut(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > calls_allowed:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, run_then_cut)
 
 
 def _q(method, length, ppl, passkey):
@@ -126,22 +143,10 @@ def test_merge_folds_files_from_separate_runs(study, tmp_path):
         study.main(["--merge", str(tmp_path / "absent.json"), "--tag", "h200", "--out-dir", str(out)])
 
 
-def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path,
-                                                       monkeypatch):
+def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, model_dir, tiny_data, tmp_path, monkeypatch):
     import chunkllama.eval.ruler as ruler
 
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    real, calls = ruler.answer_batch, []
-
-    def answer_then_cut(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 1:  # the second method's first batch: the run is cut (a time limit's SIGINT)
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ruler, "answer_batch", answer_then_cut)
+    _cut_after(monkeypatch, ruler, "answer_batch", 1)  # the second method's first batch: the run is cut
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         study.main(["--model", str(model_dir), "--data", str(tiny_data), "--out-dir", str(out), "--tag", "cpu",
@@ -153,22 +158,10 @@ def test_a_cut_ruler_run_keeps_the_methods_it_finished(study, tiny_model, tiny_t
     assert len(data["commands"]) == 1 and "ruler" in (out / "retrieval_study_cpu.md").read_text().lower()
 
 
-def test_a_cut_quality_run_keeps_the_cells_it_finished(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path,
-                                                       monkeypatch):
+def test_a_cut_quality_run_keeps_the_cells_it_finished(study, model_dir, tiny_data, tmp_path, monkeypatch):
     import chunkllama.eval.perplexity as perplexity
 
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
-    real, calls = perplexity.evaluate_ppl, []
-
-    def ppl_then_cut(*args, **kwargs):
-        calls.append(1)
-        if len(calls) > 2:  # the second method's first length: the run is cut
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(perplexity, "evaluate_ppl", ppl_then_cut)
+    _cut_after(monkeypatch, perplexity, "evaluate_ppl", 2)  # the second method's first length: the run is cut
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         study.main(["--model", str(model_dir), "--data", str(tiny_data), "--out-dir", str(out), "--tag", "cpu",
@@ -191,10 +184,7 @@ def test_estimate_fits_the_call_limit(study):
     assert halves[0] < per_method < halves[1] and per_method == pytest.approx(sum(halves) / 2)
 
 
-def test_script_end_to_end(study, tiny_model, tiny_tokenizer, tiny_data, tmp_path):
-    model_dir = tmp_path / "model"
-    tiny_model.save_pretrained(model_dir)
-    tiny_tokenizer.save_pretrained(model_dir)
+def test_script_end_to_end(study, model_dir, tiny_data, tmp_path):
     out = tmp_path / "out"
     common = ["--model", str(model_dir), "--data", str(tiny_data), "--out-dir", str(out), "--tag", "cpu",
               "--goal-base", "256", "--goal-long", "512,768"]
