@@ -38,6 +38,7 @@ CPU_CASES = [
     ("decode_shaped", 2, 4, 2, 1, 70, 64, (32, None, None), (0, 5)),
 ]
 EXACT_TOL = 2e-5
+UNEQUAL_CASES = ("phased_3chunks", "gqa4_pad_chunked")
 
 
 def make_case(case, seed=0):
@@ -186,11 +187,34 @@ def run_compile_case() -> dict:
     return {"equal": [bool(torch.equal(a, b)) for a, b in zip(*runs)]}
 
 
+# Unequal tiles (``BLOCK_M,BLOCK_N,warps,stages`` of the dK/dV and the dQ kernel): key tiles spanning two
+# query tiles (the dK/dV walk's diagonal is two masked tiles) and query blocks spanning two key tiles.
+UNEQUAL_TILES = {"CHUNKLLAMA_BWD_DKDV_CONFIG": "16,32,1,1", "CHUNKLLAMA_BWD_DQ_CONFIG": "32,16,1,1"}
+
+
+def run_with_env(case, env: dict) -> dict:
+    """:func:`run_case` on fp32 with the environment variables ``env`` set for its duration."""
+    import os
+
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        return run_case(case, torch.float32, "cpu")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 def _worker_results() -> dict:
     results = {"rope": run_rope_case(), "compiled": run_compile_case()}
     for case in CPU_CASES:
         if case[4] > 1:  # the exact rule on the prefill kernel itself
             results["exact/" + case[0]] = run_case(case, torch.float32, "cpu")
+            if case[0] in UNEQUAL_CASES:
+                results["unequal/" + case[0]] = run_with_env(case, UNEQUAL_TILES)
         results["fp16/" + case[0]] = run_case(case, torch.float16, "cpu")
     results["model"] = run_model_case()
     return results
@@ -214,6 +238,13 @@ def _check_lowp(result, dtype, ratio=2.0, atol=None):
 def test_interpreter_gradients_exact_fp32(case, interpreter_results):
     for name, r in interpreter_results["exact/" + case[0]].items():
         assert r["max"] > 1e-2 and r["err"] <= EXACT_TOL, (name, r)
+
+
+@pytest.mark.parametrize("name", sorted(UNEQUAL_CASES))
+def test_interpreter_gradients_exact_with_unequal_tiles(name, interpreter_results):
+    """The phased walks with key and query tiles of different sizes (diagonals of several tiles)."""
+    for tensor, r in interpreter_results["unequal/" + name].items():
+        assert r["max"] > 1e-2 and r["err"] <= EXACT_TOL, (tensor, r)
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=[c[0] for c in CPU_CASES])

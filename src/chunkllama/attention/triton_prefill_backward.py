@@ -216,6 +216,113 @@ def _dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
+@triton.jit
+def _dkdv_steps(dk, dv, k, v, qr_head, stride_rc, do_head, stride_dom, lse_head, delta_head, qoff, s_lo, s_hi,
+                n0, ck, chunk_len, Tq, DTYPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Query tiles ``[s_lo, s_hi)`` (tiles of ``BLOCK_M`` query *positions*, each inside one chunk) against
+    the key tile at positions ``n0 ..``, of chunk ``ck``. The tile's rotation is a scalar (its chunk
+    minus ``ck``, at most 2), so the loop body is the plain FlashAttention-2 step. ``MASKED``: rows may
+    lie outside ``[0, Tq)`` and the causal mask applies (diagonal and edge tiles); otherwise neither."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_r = tl.arange(0, BLOCK_M)
+    kpos = n0 + tl.arange(0, BLOCK_N)
+    for s in range(s_lo, s_hi):
+        qp = s * BLOCK_M + offs_r
+        idx = qoff + qp
+        copy = tl.minimum((s * BLOCK_M) // chunk_len - ck, 2)
+        q_ptrs = qr_head + copy * stride_rc + idx[:, None] * HEAD_DIM + offs_d[None, :]
+        do_ptrs = do_head + idx[:, None] * stride_dom + offs_d[None, :]
+        if MASKED:
+            row_in = (idx >= 0) & (idx < Tq)
+            q = tl.load(q_ptrs, mask=row_in[:, None], other=0.0)
+            lse2 = tl.load(lse_head + idx, mask=row_in, other=float("inf"))
+        else:
+            q = tl.load(q_ptrs)
+            lse2 = tl.load(lse_head + idx)
+        qk_t = tl.dot(k, tl.trans(q))  # (BLOCK_N, BLOCK_M), log2 units
+        if MASKED:
+            qk_t = tl.where(kpos[:, None] <= qp[None, :], qk_t, float("-inf"))
+        p_t = tl.math.exp2(qk_t - lse2[None, :])
+        if MASKED:
+            do = tl.load(do_ptrs, mask=row_in[:, None], other=0.0)
+            delta = tl.load(delta_head + idx, mask=row_in, other=0.0)
+        else:
+            do = tl.load(do_ptrs)
+            delta = tl.load(delta_head + idx)
+        dv = tl.dot(p_t.to(DTYPE), do, dv)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(DTYPE), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_phased_kernel(
+    QR, K, V, DO, DK, DV, Lse, Delta, QPos, KPos,
+    stride_rc, stride_rb, stride_rh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_qpb, stride_kpb,
+    Tq, Tk, num_q_heads, num_kv_heads, groups, chunk_len,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """:func:`_dkdv_kernel` when ``chunk_len`` is a multiple of ``BLOCK_N`` and ``BLOCK_N`` of ``BLOCK_M``:
+    query tiles are aligned to positions too, so every (key tile, query tile) pair has one rotation and
+    the walk is three loops per query head: masked tiles up to the end of the diagonal (and a partial
+    first tile), the unmasked full tiles, and a partial last tile."""
+    t = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    hk = pid_bh % num_kv_heads
+    DTYPE = QR.dtype.element_ty
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    koff = (Tk - 1) - tl.load(KPos + b * stride_kpb + Tk - 1).to(tl.int32)  # key index of position 0
+    qoff = (Tq - 1) - tl.load(QPos + b * stride_qpb + Tq - 1).to(tl.int32)  # query index of position 0
+    n0 = t * BLOCK_N
+    kidx = koff + n0 + offs_n
+    kmask = kidx < Tk
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    q_last = Tq - 1 - qoff  # position of the last query
+    if (koff + n0 < Tk) & (q_last >= n0):
+        k = tl.load(K + b * stride_kb + hk * stride_kh + kidx[:, None] * stride_kn + offs_d[None, :],
+                    mask=kmask[:, None], other=0.0)
+        v = tl.load(V + b * stride_vb + hk * stride_vh + kidx[:, None] * stride_vn + offs_d[None, :],
+                    mask=kmask[:, None], other=0.0)
+        ck = n0 // chunk_len
+        first = tl.maximum(n0, -qoff)  # first position with a query row that can see the tile
+        s_first = first // BLOCK_M
+        s_end = (q_last + BLOCK_M) // BLOCK_M  # one past the tile of the last query
+        body_lo = tl.maximum((n0 + BLOCK_N) // BLOCK_M, (first + BLOCK_M - 1) // BLOCK_M)
+        body_hi = tl.maximum((q_last + 1) // BLOCK_M, body_lo)  # full tiles only
+        head_hi = tl.minimum(body_lo, s_end)
+        tail_lo = tl.maximum(body_hi, head_hi)
+        for g in range(0, groups):
+            h = hk * groups + g
+            qr_head = QR + b * stride_rb + h * stride_rh
+            do_head = DO + b * stride_dob + h * stride_doh
+            row_base = (b * num_q_heads + h) * Tq
+            dk, dv = _dkdv_steps(dk, dv, k, v, qr_head, stride_rc, do_head, stride_dom, Lse + row_base,
+                                 Delta + row_base, qoff, s_first, head_hi, n0, ck, chunk_len, Tq, DTYPE, HEAD_DIM,
+                                 BLOCK_M, BLOCK_N, True)
+            dk, dv = _dkdv_steps(dk, dv, k, v, qr_head, stride_rc, do_head, stride_dom, Lse + row_base,
+                                 Delta + row_base, qoff, body_lo, body_hi, n0, ck, chunk_len, Tq, DTYPE, HEAD_DIM,
+                                 BLOCK_M, BLOCK_N, False)
+            dk, dv = _dkdv_steps(dk, dv, k, v, qr_head, stride_rc, do_head, stride_dom, Lse + row_base,
+                                 Delta + row_base, qoff, tail_lo, s_end, n0, ck, chunk_len, Tq, DTYPE, HEAD_DIM,
+                                 BLOCK_M, BLOCK_N, True)
+    dk = dk * (1.0 / 1.4426950408889634)
+    tl.store(DK + b * stride_dkb + hk * stride_dkh + kidx[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + b * stride_dvb + hk * stride_dvh + kidx[:, None] * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
 # ------------------------------------------------------------------------------------------------- dQ
 
 
@@ -229,34 +336,45 @@ def _unrotate_add(dq_lo, dq_hi, acc_lo, acc_hi, rot_pos, Cos, Sin, HALF: tl.cons
 
 
 @triton.jit
-def _dq_scores(q, do, lse2, delta, qpos, k_base, v_base, stride_kn, stride_vn, kidx, kpos, kmask, offs_d):
-    """``dS`` (fp32, ``(BLOCK_M, BLOCK_N)``) of one key tile for queries ``q`` (rotated, pre-scaled)."""
-    k_t = tl.load(k_base + kidx[None, :] * stride_kn + offs_d[:, None], mask=kmask[None, :], other=0.0)
-    qk = tl.dot(q, k_t)
-    visible = (kpos[None, :] <= qpos[:, None]) & kmask[None, :]
-    p = tl.math.exp2(tl.where(visible, qk, float("-inf")) - lse2[:, None])
-    v_t = tl.load(v_base + kidx[None, :] * stride_vn + offs_d[:, None], mask=kmask[None, :], other=0.0)
-    dp = tl.dot(do, v_t)
-    return p * (dp - delta[:, None])
-
-
-@triton.jit
-def _dq_phase(dq_lo, dq_hi, q, rot_pos, do, lse2, delta, qpos, k_base, v_base, stride_kn, stride_vn, koff,
-              t_lo, t_hi, Tk, Cos, Sin, offs_n, offs_d, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
-              BLOCK_N: tl.constexpr):
-    """Key tiles ``[t_lo, t_hi)`` that every row scores with one rotation (``q``, at ``rot_pos``)."""
+def _dq_phase(dq_lo, dq_hi, qr_head, copy, stride_rc, offs_m, row_in, rot_pos, do, lse2, delta, qpos, k_base,
+              v_base, stride_kn, stride_vn, koff, t_lo, t_hi, Tk, Cos, Sin, DTYPE: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Key tiles ``[t_lo, t_hi)`` that every row scores with rotation ``copy`` (at ``rot_pos``):
+    ``dq += R(rot_pos)ᵀ Σ dS · K``. Queries and keys are taken as (low, high) half tiles ``(·, D/2)``,
+    each key tile loaded once: the scores are two half dots, and ``dS · K`` stays in halves, so the
+    transpose rotation at the end is elementwise. ``MASKED``: the causal mask and the key bound apply
+    (diagonal tiles); otherwise every key is visible to every row (rows without keys have ``lse = +inf``)."""
+    HALF: tl.constexpr = HEAD_DIM // 2
     offs_h = tl.arange(0, HALF)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    q_rows = qr_head + copy * stride_rc + offs_m[:, None] * HEAD_DIM
+    q_lo = tl.load(q_rows + offs_h[None, :], mask=row_in[:, None], other=0.0)
+    q_hi = tl.load(q_rows + HALF + offs_h[None, :], mask=row_in[:, None], other=0.0)
     acc_lo = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     acc_hi = tl.zeros([BLOCK_M, HALF], dtype=tl.float32)
     for t in range(t_lo, t_hi):
         kpos = t * BLOCK_N + offs_n
         kidx = koff + kpos
-        kmask = kidx < Tk
-        ds = _dq_scores(q, do, lse2, delta, qpos, k_base, v_base, stride_kn, stride_vn, kidx, kpos, kmask,
-                        offs_d).to(q.dtype)
         k_rows = k_base + kidx[:, None] * stride_kn
-        acc_lo = tl.dot(ds, tl.load(k_rows + offs_h[None, :], mask=kmask[:, None], other=0.0), acc_lo)
-        acc_hi = tl.dot(ds, tl.load(k_rows + HALF + offs_h[None, :], mask=kmask[:, None], other=0.0), acc_hi)
+        v_rows = v_base + kidx[:, None] * stride_vn + offs_d[None, :]
+        if MASKED:
+            kmask = kidx < Tk
+            k_lo = tl.load(k_rows + offs_h[None, :], mask=kmask[:, None], other=0.0)
+            k_hi = tl.load(k_rows + HALF + offs_h[None, :], mask=kmask[:, None], other=0.0)
+        else:
+            k_lo = tl.load(k_rows + offs_h[None, :])
+            k_hi = tl.load(k_rows + HALF + offs_h[None, :])
+        qk = tl.dot(q_hi, tl.trans(k_hi), tl.dot(q_lo, tl.trans(k_lo)))
+        if MASKED:
+            qk = tl.where((kpos[None, :] <= qpos[:, None]) & kmask[None, :], qk, float("-inf"))
+            v = tl.load(v_rows, mask=kmask[:, None], other=0.0)
+        else:
+            v = tl.load(v_rows)
+        p = tl.math.exp2(qk - lse2[:, None])
+        ds = (p * (tl.dot(do, tl.trans(v)) - delta[:, None])).to(DTYPE)
+        acc_lo = tl.dot(ds, k_lo, acc_lo)
+        acc_hi = tl.dot(ds, k_hi, acc_hi)
     return _unrotate_add(dq_lo, dq_hi, acc_lo, acc_hi, rot_pos, Cos, Sin, HALF)
 
 
@@ -320,24 +438,25 @@ def _dq_kernel(
         c_hi = q_hi // chunk_len
         inter_end = (tl.maximum(c_lo - 1, 0) * chunk_len) // BLOCK_N  # tiles inside chunks <= c_lo - 2
         if inter_end > 0:
-            q = _rotated(qr_head, 2, stride_rc, offs_m, row_in, HEAD_DIM)
-            dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, q, pos_inter, do, lse2, delta, qpos, k_base, v_base, stride_kn,
-                                     stride_vn, koff, 0, inter_end, Tk, Cos, Sin, offs_n, offs_d, HALF, BLOCK_M,
-                                     BLOCK_N)
+            dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, qr_head, 2, stride_rc, offs_m, row_in, pos_inter, do, lse2, delta,
+                                     qpos, k_base, v_base, stride_kn, stride_vn, koff, 0, inter_end, Tk, Cos, Sin,
+                                     DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N, False)
         last_tile = q_hi // BLOCK_N + 1
         if (c_lo == c_hi) & (chunk_len % BLOCK_N == 0):
             tiles_per_chunk = chunk_len // BLOCK_N
             succ_lo = tl.maximum(c_lo - 1, 0) * tiles_per_chunk
             intra_lo = c_lo * tiles_per_chunk
+            diag_lo = tl.maximum((q_lo + 1) // BLOCK_N, intra_lo)  # tiles before it: visible to every row
             if intra_lo > succ_lo:
-                q = _rotated(qr_head, 1, stride_rc, offs_m, row_in, HEAD_DIM)
-                dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, q, pos_succ, do, lse2, delta, qpos, k_base, v_base,
-                                         stride_kn, stride_vn, koff, succ_lo, intra_lo, Tk, Cos, Sin, offs_n, offs_d,
-                                         HALF, BLOCK_M, BLOCK_N)
-            q = _rotated(qr_head, 0, stride_rc, offs_m, row_in, HEAD_DIM)
-            dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, q, pos_intra, do, lse2, delta, qpos, k_base, v_base, stride_kn,
-                                     stride_vn, koff, intra_lo, last_tile, Tk, Cos, Sin, offs_n, offs_d, HALF,
-                                     BLOCK_M, BLOCK_N)
+                dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, qr_head, 1, stride_rc, offs_m, row_in, pos_succ, do, lse2,
+                                         delta, qpos, k_base, v_base, stride_kn, stride_vn, koff, succ_lo, intra_lo,
+                                         Tk, Cos, Sin, DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N, False)
+            dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, qr_head, 0, stride_rc, offs_m, row_in, pos_intra, do, lse2, delta,
+                                     qpos, k_base, v_base, stride_kn, stride_vn, koff, intra_lo, diag_lo, Tk, Cos,
+                                     Sin, DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N, False)
+            dq_lo, dq_hi = _dq_phase(dq_lo, dq_hi, qr_head, 0, stride_rc, offs_m, row_in, pos_intra, do, lse2, delta,
+                                     qpos, k_base, v_base, stride_kn, stride_vn, koff, diag_lo, last_tile, Tk, Cos,
+                                     Sin, DTYPE, HEAD_DIM, BLOCK_M, BLOCK_N, True)
         else:
             # General tiles: per-element chunk relation, three rotations, each part rotated back.
             qc = qpos_c // chunk_len
@@ -375,12 +494,14 @@ def _dq_kernel(
 
 def _configs(head_dim: int) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
     """``(BLOCK_M, BLOCK_N, num_warps, num_stages)`` of the dK/dV kernel and of the dQ kernel."""
-    if _INTERPRET:
-        return (16, 16, 1, 1), (16, 16, 1, 1)
     dkdv = tuning_override("CHUNKLLAMA_BWD_DKDV_CONFIG", 4)
     dq = tuning_override("CHUNKLLAMA_BWD_DQ_CONFIG", 4)
-    warps = 4 if head_dim <= 64 else 8
-    return dkdv or (64, 64, warps, 2), dq or (64, 64, warps, 2)
+    if _INTERPRET:
+        return dkdv or (16, 16, 1, 1), dq or (16, 16, 1, 1)
+    # bench/bench_backward.py --tune (bench/results/backward_tune_h200*.log): H200, bf16
+    if head_dim <= 64:
+        return dkdv or (64, 128, 4, 3), dq or (128, 64, 4, 3)
+    return dkdv or (64, 128, 8, 3), dq or (128, 64, 8, 3)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -429,8 +550,7 @@ def dca_prefill_backward(
 
     def launch_dkdv(config: tuple[int, int, int, int]) -> None:
         bm1, bn1, w1, s1 = config
-        _dkdv_kernel[(triton.cdiv(kv_len, bn1), batch * kv_heads)](
-            q_rot, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions,
+        common = (
             rc, rb, rh,
             key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2),
@@ -439,8 +559,15 @@ def dca_prefill_backward(
             dv.stride(0), dv.stride(1), dv.stride(2),
             query_positions.stride(0), key_positions.stride(0),
             q_len, kv_len, q_heads, kv_heads, q_heads // kv_heads, chunk_len,
-            HEAD_DIM=head_dim, BLOCK_M=bm1, BLOCK_N=bn1, num_warps=w1, num_stages=s1,
         )
+        grid = (triton.cdiv(kv_len, bn1), batch * kv_heads)
+        meta = {"HEAD_DIM": head_dim, "BLOCK_M": bm1, "BLOCK_N": bn1, "num_warps": w1, "num_stages": s1}
+        if chunk_len % bn1 == 0 and bn1 % bm1 == 0:  # query tiles by position: one rotation per tile pair
+            _dkdv_phased_kernel[grid](q_rot, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions,
+                                      *common, **meta)
+        else:
+            _dkdv_kernel[grid](q_rot, key, value, d_out, dk, dv, lse, delta, query_positions, key_positions, *common,
+                               **meta)
 
     def launch_dq(config: tuple[int, int, int, int]) -> None:
         bm2, bn2, w2, s2 = config
