@@ -15,16 +15,24 @@ Four kernels:
    forward's fp32 rotation, pre-scaled, rounded once to the input dtype) into one ``(3, B, Hq, Tq, D)``
    buffer, so the key-major kernel below loads a rotated tile instead of re-rotating each query tile
    once per key tile (the rotation gathers cos/sin rows per query: it cost more than the dots).
-3. :func:`_dkdv_kernel`: one program per ``BLOCK_N`` keys (tiles aligned to key *positions*, as in the
-   forward) of one KV head; it walks the query heads of its group (GQA: their contributions sum) and
-   the query tiles that can see the keys, recomputing each score with the query rotated at the pair's
-   phase. A tile pair whose rows all share one chunk relation with the keys takes one rotation and
-   two dots (``s``, ``dK``); a pair that straddles a chunk boundary takes three of each (``where``).
+3. :func:`_dkdv_phased_kernel`: one program per ``BLOCK_N`` keys (tiles aligned to key *positions*, as
+   in the forward) of one KV head; it walks the query heads of its group (GQA: their contributions sum)
+   and the query tiles that can see the keys. When ``chunk_len`` is a multiple of ``BLOCK_N`` (and
+   ``BLOCK_N`` of ``BLOCK_M``) query tiles are aligned to positions too, so each (key tile, query tile)
+   pair has one chunk relation: the rotated copy to read is a scalar of the loop index, and the walk is
+   FlashAttention-2's loop (four dots, no ``where``) over the full tiles past the diagonal, with masks
+   only on the diagonal and on partial edge tiles. Otherwise :func:`_dkdv_kernel` takes query tiles by
+   index and, for a pair that straddles a chunk boundary, three rotations and three dots of each kind.
 4. :func:`_dq_kernel`: one program per ``BLOCK_M`` query rows of one query head, walking the key tiles
-   in the forward's phases (inter, successive, intra; a general per-element path for blocks that
-   straddle a chunk boundary). Each phase accumulates ``dS · K`` in the rotated frame, as two half
-   tiles (``D/2`` columns each) so that the transpose rotation (``x_lo = y_lo cos + y_hi sin``,
-   ``x_hi = y_hi cos - y_lo sin``) is elementwise, then rotates it back once per phase.
+   in the forward's phases (inter, successive, intra before the block, the masked diagonal; a general
+   per-element path for blocks that straddle a chunk boundary). Queries and keys are read as half tiles
+   (``D/2`` columns), each key tile once: the scores are two half dots, and ``dS · K`` accumulates in the
+   rotated frame as two half tiles, so the transpose rotation (``x_lo = y_lo cos + y_hi sin``,
+   ``x_hi = y_hi cos - y_lo sin``) is elementwise, once per phase.
+
+Tiles (``_configs``) were chosen with ``bench/bench_backward.py --tune`` on an H200. Accumulating ``dq``
+inside the dK/dV walk with atomic adds (FlashAttention-2's way: five dots per pair instead of seven) was
+tried and was slower there (28.0 against 21.9 ms forward + backward at 16k, Llama-3-8B heads).
 
 Every output element is written by exactly one program: no atomics, the same result every run.
 Extra memory: ``lse`` and ``D`` (fp32, ``B · Hq · Tq`` each), the rotated queries (three times the
