@@ -508,7 +508,7 @@ def _configs(head_dim: int) -> tuple[tuple[int, int, int, int], tuple[int, int, 
         return dkdv or (16, 16, 1, 1), dq or (16, 16, 1, 1)
     # bench/bench_backward.py --tune (bench/results/backward_tune_h200*.log): H200, bf16
     if head_dim <= 64:
-        return dkdv or (64, 128, 4, 3), dq or (128, 64, 4, 3)
+        return dkdv or (64, 64, 4, 3), dq or (64, 64, 4, 3)
     return dkdv or (64, 128, 8, 3), dq or (128, 64, 8, 3)
 
 
